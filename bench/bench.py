@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Throughput matrix: smtp-source -L -> {direct sink | our proxy | Dovecot's
+LMTP proxy} -> smtp-sink -L (two sinks, counters on), all on 127.0.0.1.
+
+Targets are interleaved per cell (each run of a cell measures every target in
+turn, the order rotating from run to run), the median over the runs is
+reported.  After every run the sinks' mesg counters are checked: each message
+must have been received exactly once per backend it routes to; anything else
+is a FAIL (exit status 1).
+
+    bench/bench.py [--quick] [--no-proxy] [--runs N] [--msgs N]
+                   [--msgs-large N] [--sizes 1024,102400] [--sessions 1,10]
+                   [--rcpts 1,5] [--conn new,keep] [--workdir DIR]
+                   [--results bench/RESULTS.md]
+
+Environment: VENV (default REPO/.venv), QUICK=1, NO_PROXY=1, RUNS, MSGS,
+MSGS_LARGE.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+FROM = "src@harness.test"
+
+
+def csv(conv):
+    return lambda s: [conv(x) for x in s.split(",") if x]
+
+
+def parse_args():
+    env = os.environ
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    default=env.get("QUICK", "") not in ("", "0"))
+    ap.add_argument("--no-proxy", action="store_true",
+                    default=env.get("NO_PROXY", "") not in ("", "0"),
+                    help="skip our proxy (direct and Dovecot only)")
+    ap.add_argument("--no-dovecot", action="store_true")
+    ap.add_argument("--runs", type=int, default=int(env.get("RUNS", 0)) or None)
+    ap.add_argument("--msgs", type=int, default=int(env.get("MSGS", 0)) or None,
+                    help="messages per run for sizes <= 10 KB")
+    ap.add_argument("--msgs-large", type=int,
+                    default=int(env.get("MSGS_LARGE", 0)) or None,
+                    help="messages per run for sizes > 10 KB")
+    ap.add_argument("--sizes", type=csv(int), default=[1024, 102400])
+    ap.add_argument("--sessions", type=csv(int), default=[1, 10])
+    ap.add_argument("--rcpts", type=csv(int), default=[1, 5])
+    ap.add_argument("--conn", type=csv(str), default=["new", "keep"])
+    ap.add_argument("--workdir")
+    ap.add_argument("--keep-workdir", action="store_true")
+    ap.add_argument("--results", default=os.path.join(C.HERE, "RESULTS.md"))
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="max seconds for one smtp-source run")
+    a = ap.parse_args()
+    if a.quick:
+        a.runs = a.runs or 1
+        a.msgs = a.msgs or 300
+        a.msgs_large = a.msgs_large or 150
+    a.runs = a.runs or 3
+    a.msgs = a.msgs or 3000
+    a.msgs_large = a.msgs_large or 1000
+    return a
+
+
+def smtp_source(port, n, sessions, rcpts, size, to, keep, timeout):
+    argv = ["smtp-source", "-L", "-m", str(n), "-s", str(sessions),
+            "-r", str(rcpts), "-l", str(size), "-t", to, "-f", FROM,
+            "-M", "harness.test"]
+    if keep:
+        argv.append("-d")
+    argv.append("inet:127.0.0.1:%d" % port)
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()                      # our own child, by its Popen handle
+        out, _ = p.communicate()
+        return None, "timeout after %.0f s: %s" % (timeout, out.decode()[-300:])
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        return None, "smtp-source rc=%d: %s" % (p.returncode,
+                                                out.decode(errors="replace")[-300:])
+    return dt, " ".join(argv)
+
+
+def routing_check(name, port, sinks):
+    """One probe per route; the sinks' counters must move as routed."""
+    A, B = sinks
+    probes = [(["bench@bench.test"], {"sinkA": 1, "sinkB": 0}),
+              (["bench@split.test"], {"sinkA": 1, "sinkB": 0}),
+              (["2bench@split.test"], {"sinkA": 0, "sinkB": 1}),
+              (["5bench@split.test", "4bench@split.test", "3bench@split.test",
+                "2bench@split.test", "bench@split.test"],
+               {"sinkA": 1, "sinkB": 1})]
+    body = C.make_body(500, "routing-check")
+    problems = []
+    for rcpts, want in probes:
+        before = {s.name: s.mesg() for s in sinks}
+        try:
+            c = C.LMTPClient(port)
+            replies = c.send(FROM, rcpts, body)
+            c.quit()
+        except (OSError, C.LMTPError) as e:
+            problems.append("%s: %s" % (rcpts, e))
+            continue
+        bad = [r for r in replies if not r[0].startswith("2")]
+        if bad or len(replies) != len(rcpts):
+            problems.append("%s: replies %s" % (rcpts, replies))
+        exp = {k: before[k] + v for k, v in want.items()}
+        got = C.settle(sinks, exp, 3)
+        delta = {k: got[k] - before[k] for k in got}
+        if delta != want:
+            problems.append("%s: sink deltas %s, expected %s"
+                            % (",".join(rcpts), delta, want))
+    if problems:
+        C.log("ROUTING CHECK FAILED for %s:\n  %s" % (name, "\n  ".join(problems)))
+    else:
+        C.log("routing check ok for %s" % name)
+    return problems
+
+
+def main():
+    a = parse_args()
+    C.install_cleanup()
+    C.raise_nofile()
+    wd = a.workdir or tempfile.mkdtemp(prefix="lmtpbench.")
+    os.makedirs(wd, exist_ok=True)
+    os.chmod(wd, 0o755)     # Dovecot's auth process (user dovecot) reads routes
+    C.log("workdir %s" % wd)
+    cmdline = os.environ.get("BENCH_CMDLINE") or " ".join(
+        [os.path.relpath(sys.argv[0], C.REPO)] + sys.argv[1:])
+    envdesc = " ".join("%s=%s" % (k, os.environ[k]) for k in
+                       ("QUICK", "NO_PROXY", "VENV", "RUNS", "MSGS", "MSGS_LARGE")
+                       if k in os.environ)
+    failures = []
+
+    A = C.Sink(wd, "sinkA")
+    B = C.Sink(wd, "sinkB")
+    sinks = [A, B]
+    targets = [("direct", A.port)]
+    proxy = None
+    if not a.no_proxy:
+        try:
+            proxy = C.OurProxy(wd, backends={"sinkA": A.port, "sinkB": B.port})
+            C.log("our proxy up in %.2f s: pid %d port %d"
+                  % (proxy.startup_s, proxy.pid, proxy.port))
+            targets.append(("ours", proxy.port))
+        except C.Fail as e:
+            C.log("FAIL: our proxy did not start:\n%s" % e)
+            failures.append("our proxy did not start: %s" % str(e).splitlines()[0])
+    if not a.no_dovecot:
+        users = {"bench@split.test": A.port}
+        for i in range(2, 21):
+            users["%dbench@split.test" % i] = A.port if i % 2 else B.port
+        dove = C.DovecotProxy(wd, users, {"bench.test": A.port})
+        C.log("dovecot proxy up: pid %d port %d" % (dove.proc.pid, dove.port))
+        targets.append(("dovecot", dove.port))
+
+    for name, port in targets[1:]:
+        probs = routing_check(name, port, sinks)
+        failures += ["routing check %s: %s" % (name, p) for p in probs]
+
+    idle_rss = C.rss_kb(proxy.pid) if proxy else None
+    if proxy:
+        C.reset_hwm(proxy.pid)
+
+    cells = []
+    for size in a.sizes:
+        for s in a.sessions:
+            for r in a.rcpts:
+                for conn in a.conn:
+                    cells.append((size, s, r, conn))
+    results = []      # dicts per cell
+    t_start = time.time()
+    for ci, (size, s, r, conn) in enumerate(cells):
+        n = a.msgs if size <= 10240 else a.msgs_large
+        to = "bench@bench.test" if r == 1 else "bench@split.test"
+        keep = conn == "keep"
+        label = "%s s=%d r=%d %s" % (fmt_size(size), s, r, conn)
+        rates = {t: [] for t, _ in targets}
+        errs = {t: [] for t, _ in targets}
+        for run in range(a.runs):
+            order = targets[run % len(targets):] + targets[:run % len(targets)]
+            for tname, port in order:
+                if tname == "ours" and not proxy.alive():
+                    errs[tname].append("proxy process is gone (exit %s)"
+                                       % proxy.proc.returncode)
+                    continue
+                before = {x.name: x.mesg() for x in sinks}
+                if tname == "direct" or r == 1:
+                    want = {"sinkA": n, "sinkB": 0}
+                else:
+                    want = {"sinkA": n, "sinkB": n}
+                dt, info = smtp_source(port, n, s, r, size, to, keep, a.timeout)
+                got = C.settle(sinks, {k: before[k] + v for k, v in want.items()})
+                delta = {k: got[k] - before[k] for k in got}
+                ok = delta == want
+                if dt is None:
+                    errs[tname].append(info)
+                    C.log("FAIL %-8s %s run %d: %s" % (tname, label, run + 1, info))
+                    failures.append("%s %s run %d: %s" % (tname, label, run + 1,
+                                                          info.splitlines()[0]))
+                else:
+                    rates[tname].append(n / dt)
+                    C.log("%-8s %-24s run %d: %7.1f msg/s %8.1f rcpt/s  sinks %s"
+                          % (tname, label, run + 1, n / dt, n * r / dt,
+                             " ".join("%s+%d" % kv for kv in sorted(delta.items()))))
+                if not ok:
+                    msg = ("%s %s run %d: sink mesg deltas %s, expected %s"
+                           % (tname, label, run + 1, delta, want))
+                    C.log("FAIL " + msg)
+                    errs[tname].append("counters " + str(delta))
+                    failures.append(msg)
+        hwm = C.hwm_kb(proxy.pid) if proxy and proxy.alive() else None
+        rss = C.rss_kb(proxy.pid) if proxy and proxy.alive() else None
+        res = {"size": size, "s": s, "r": r, "conn": conn, "n": n,
+               "rates": rates, "errs": errs, "hwm": hwm, "rss": rss}
+        results.append(res)
+        print(row_text(res, [t for t, _ in targets]), flush=True)
+    elapsed = time.time() - t_start
+
+    counters = {x.name: x.counters() for x in sinks}
+    final_hwm = C.hwm_kb(proxy.pid) if proxy and proxy.alive() else None
+    md = render(a, results, [t for t, _ in targets], cmdline, envdesc, wd,
+                idle_rss, final_hwm, counters, failures, elapsed, proxy)
+    C.update_section(a.results, "machine", "## Machine and versions\n\n"
+                     + C.machine_md())
+    C.update_section(a.results, "throughput", md)
+    C.log("results written to %s" % a.results)
+    print("\n" + md)
+    C.stop_all()
+    if not a.keep_workdir and not a.workdir:
+        shutil.rmtree(wd, ignore_errors=True)
+    if failures:
+        print("\n*** FAIL: %d problem(s):\n  %s" % (len(failures),
+                                                    "\n  ".join(failures)),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def fmt_size(size):
+    return "%dKB" % (size // 1024) if size % 1024 == 0 else "%dB" % size
+
+
+def med(v):
+    return C.median(v) if v else None
+
+
+def cell_fmt(res, t):
+    v = med(res["rates"].get(t, []))
+    if v is None:
+        return "FAIL" if res["errs"].get(t) else "-"
+    s = "%.0f" % v
+    if res["r"] > 1:
+        s += " (%.0f)" % (v * res["r"])
+    if res["errs"].get(t):
+        s += " FAIL"
+    return s
+
+
+def ratio(res, a, b):
+    x, y = med(res["rates"].get(a, [])), med(res["rates"].get(b, []))
+    if not x or not y:
+        return "-"
+    return "%.2f" % (x / y)
+
+
+def row_text(res, tnames):
+    cols = [fmt_size(res["size"]), str(res["s"]), str(res["r"]), res["conn"]]
+    cols += [cell_fmt(res, t) for t in tnames]
+    if "ours" in tnames:
+        cols += [ratio(res, "ours", "dovecot"), ratio(res, "ours", "direct")]
+        cols.append(C.mb(res["hwm"]) if res["hwm"] else "-")
+    return "| " + " | ".join(cols) + " |"
+
+
+def render(a, results, tnames, cmdline, envdesc, wd, idle_rss, final_hwm,
+           counters, failures, elapsed, proxy):
+    out = ["## Throughput (smtp-source -L -> target -> smtp-sink -L)", ""]
+    out.append("Command: `%s%s` (run %s, %.0f s)." % (
+        (envdesc + " ") if envdesc else "", cmdline,
+        time.strftime("%Y-%m-%d %H:%M:%S %Z"), elapsed))
+    out.append("")
+    out.append("Messages per run: %d (sizes <= 10 KB), %d (larger); %d run(s) "
+               "per target and cell, targets interleaved (order rotates each "
+               "run); figures are the median msg/s, rcpt/s in brackets when "
+               "r > 1.  r=1 sends to `bench@bench.test` (-> sinkA); r=5 sends "
+               "`5bench@split.test ... bench@split.test`, which both proxies "
+               "split odd -> sinkA, even -> sinkB (direct: all to sinkA).  "
+               "`new` = one connection per message, `keep` = smtp-source -d."
+               % (a.msgs, a.msgs_large, a.runs))
+    out.append("")
+    if proxy:
+        out.append("Our proxy: `%s` (pid %d), RSS idle before the matrix %s, "
+                   "peak RSS (VmHWM) over the whole matrix %s."
+                   % (" ".join(proxy.argv), proxy.pid,
+                      C.mb(idle_rss) if idle_rss else "?",
+                      C.mb(final_hwm) if final_hwm else "? (process gone)"))
+    else:
+        out.append("Our proxy: **not measured** (--no-proxy / NO_PROXY=1, or "
+                   "it failed to start).")
+    out.append("")
+    head = ["size", "sessions", "rcpts", "conn"] + tnames
+    if "ours" in tnames:
+        head += ["ours/dovecot", "ours/direct", "proxy VmHWM so far"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for res in results:
+        out.append(row_text(res, tnames))
+    out.append("")
+    out.append("All runs (msg/s):")
+    out.append("")
+    out.append("| cell | " + " | ".join(tnames) + " |")
+    out.append("|---|" + "---|" * len(tnames))
+    for res in results:
+        out.append("| %s s=%d r=%d %s | %s |" % (
+            fmt_size(res["size"]), res["s"], res["r"], res["conn"],
+            " | ".join(", ".join("%.0f" % x for x in res["rates"][t]) +
+                       ("; ERR: " + "; ".join(e[:80] for e in res["errs"][t])
+                        if res["errs"][t] else "") for t in tnames)))
+    out.append("")
+    out.append("Sink counters at the end: " + "; ".join(
+        "%s %s" % (k, " ".join("%s=%d" % kv for kv in v.items()))
+        for k, v in counters.items()))
+    out.append("")
+    if failures:
+        out.append("**FAIL** (%d):" % len(failures))
+        out.append("")
+        out += ["* " + f for f in failures]
+    else:
+        out.append("Counter check: OK - every run delivered exactly the "
+                   "expected number of messages to each sink.")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,594 @@
+"""Shared helpers for the lmtp-proxy benchmarks (standard library only).
+
+Every server is started here as a child process (or, for Dovecot, in the
+foreground with ``dovecot -F``), its PID is recorded, and it is stopped by
+that PID only: SIGTERM, then SIGKILL after 10 s.  Everything listens on
+127.0.0.1.  Nothing here calls pkill/killall.
+"""
+
+import atexit
+import os
+import pwd
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+HARNESS_USER = os.environ.get("HARNESS_USER", "lmtpharness")
+
+
+def log(msg):
+    print("[%s %s] %s" % (os.path.basename(sys.argv[0]),
+                           time.strftime("%H:%M:%S"), msg),
+          file=sys.stderr, flush=True)
+
+
+class Fail(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- processes
+
+_children = []          # (name, pid, Popen) in start order
+
+
+def _stop_pid(name, pid, popen=None, grace=10.0):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        if popen is not None:
+            popen.poll()
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if popen is not None:
+            if popen.poll() is not None:
+                log("%s: stopped pid %d" % (name, pid))
+                return
+        else:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                log("%s: stopped pid %d" % (name, pid))
+                return
+        time.sleep(0.05)
+    log("%s: pid %d ignored SIGTERM, sending SIGKILL" % (name, pid))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if popen is not None:
+        try:
+            popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop(name):
+    """Stop one child started by spawn() by its own PID."""
+    for i, (n, pid, p) in enumerate(_children):
+        if n == name:
+            _stop_pid(n, pid, p)
+            del _children[i]
+            return
+
+
+def stop_all():
+    while _children:
+        n, pid, p = _children.pop()
+        _stop_pid(n, pid, p)
+
+
+def _on_signal(signum, frame):
+    log("signal %d: stopping everything" % signum)
+    stop_all()
+    sys.exit(128 + signum)
+
+
+def install_cleanup():
+    atexit.register(stop_all)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+
+
+def spawn(name, argv, logpath, **kw):
+    out = open(logpath, "ab")
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                         stderr=subprocess.STDOUT, start_new_session=True,
+                         **kw)
+    out.close()
+    _children.append((name, p.pid, p))
+    log("%s: started pid %d: %s" % (name, p.pid, " ".join(argv)))
+    return p
+
+
+def raise_nofile(want=65536):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    new = min(want, hard) if hard != resource.RLIM_INFINITY else want
+    if soft < new:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --------------------------------------------------------------------- net
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    for _ in range(50):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port_free(port):
+            return port
+    raise Fail("no free port found")
+
+
+def port_free(port):
+    s = socket.socket()
+    s.settimeout(0.2)
+    try:
+        s.connect(("127.0.0.1", port))
+        return False
+    except OSError:
+        return True
+    finally:
+        s.close()
+
+
+def wait_greeting(port, timeout=15.0, proc=None):
+    """Wait until 127.0.0.1:port answers with a 220 greeting."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise Fail("process exited with status %s before listening on %d"
+                       % (proc.returncode, port))
+        try:
+            with socket.create_connection(("127.0.0.1", port), 1) as s:
+                s.settimeout(2)
+                data = s.recv(512)
+                if data.startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return
+                last = data
+        except OSError as e:
+            last = e
+        time.sleep(0.05)
+    raise Fail("nothing answered 220 on 127.0.0.1:%d within %.0f s (%r)"
+               % (port, timeout, last))
+
+
+# ------------------------------------------------------------------ memory
+
+def proc_status(pid):
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k.startswith("Vm") or k in ("Threads",):
+                v = v.strip()
+                out[k] = int(v.split()[0]) if v.endswith("kB") else v
+    return out
+
+
+def rss_kb(pid):
+    return proc_status(pid)["VmRSS"]
+
+
+def hwm_kb(pid):
+    return proc_status(pid)["VmHWM"]
+
+
+def reset_hwm(pid):
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/%d/clear_refs" % pid, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def mb(kb):
+    return "%.1f MB" % (kb / 1024.0)
+
+
+# --------------------------------------------------------------------- sinks
+
+def ensure_user():
+    try:
+        pwd.getpwnam(HARNESS_USER)
+    except KeyError:
+        subprocess.check_call(
+            ["useradd", "--system", "--user-group", "--no-create-home",
+             "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+             HARNESS_USER])
+        log("created throwaway system user %s" % HARNESS_USER)
+
+
+class Sink:
+    """smtp-sink -L with running counters (-c) on 127.0.0.1:port."""
+
+    def __init__(self, workdir, name, port=None, extra=()):
+        self.name = name
+        self.dir = os.path.join(workdir, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.port = port or free_port()
+        self.out = os.path.join(self.dir, "sink.out")
+        ensure_user()
+        argv = ["smtp-sink", "-L", "-4", "-u", HARNESS_USER,
+                "-h", "%s.bench.test" % name, "-m", "2048", "-c"]
+        argv += list(extra)
+        argv += ["inet:127.0.0.1:%d" % self.port, "1024"]
+        self.proc = spawn(name, argv, self.out)
+        wait_greeting(self.port, 10, self.proc)
+
+    def counters(self):
+        """Last counters line of smtp-sink -c, e.g. {'sess': 2, 'mesg': 1}."""
+        with open(self.out, "rb") as f:
+            try:
+                f.seek(-4096, 2)
+            except OSError:
+                f.seek(0)
+            data = f.read().decode("latin-1")
+        for rec in reversed(re.split(r"[\r\n]+", data)):
+            if "mesg=" in rec:
+                return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", rec)}
+        return {"sess": 0, "quit": 0, "mesg": 0}
+
+    def mesg(self):
+        return self.counters().get("mesg", 0)
+
+
+def settle(sinks, expected, timeout=5.0):
+    """Wait until each sink's mesg counter reaches expected[name] (or stops
+    moving); return {name: mesg}."""
+    deadline = time.monotonic() + timeout
+    last, stable_since = None, time.monotonic()
+    while True:
+        now = {s.name: s.mesg() for s in sinks}
+        if all(now[k] >= v for k, v in expected.items()):
+            # give late duplicates a moment to show up
+            time.sleep(0.05)
+            return {s.name: s.mesg() for s in sinks}
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        if time.monotonic() > deadline or time.monotonic() - stable_since > 2:
+            return now
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------ dovecot
+
+class DovecotProxy:
+    """Dovecot 2.3 LMTP proxy (lmtp_proxy = yes) routing by passwd-file
+    passdbs that return proxy=y host=127.0.0.1 port=N, as
+    shared/peers/dovecot-lmtp-proxy.sh does.  Runs in the foreground
+    (dovecot -F) so its master PID is our child's PID."""
+
+    def __init__(self, workdir, users, domains, name="dovecot", port=None):
+        self.dir = d = os.path.join(workdir, name)
+        self.name = name
+        for sub in ("run", "state", "log"):
+            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        self.port = port or free_port()
+        with open(os.path.join(d, "routes-users"), "w") as f:
+            for u, p in users.items():
+                f.write("%s:::::::proxy=y host=127.0.0.1 port=%d\n" % (u, p))
+        with open(os.path.join(d, "routes-domains"), "w") as f:
+            for dom, p in domains.items():
+                f.write("%s:::::::proxy=y host=127.0.0.1 port=%d\n" % (dom, p))
+        open(os.path.join(d, "no-local-users"), "w").close()
+        self.conf = os.path.join(d, "dovecot.conf")
+        with open(self.conf, "w") as f:
+            f.write(DOVECOT_CONF.format(d=d, name=name, port=self.port))
+        subprocess.check_call(["doveconf", "-c", self.conf, "-n"],
+                              stdout=subprocess.DEVNULL)
+        self.proc = spawn(name, ["dovecot", "-F", "-c", self.conf],
+                          os.path.join(d, "log", "dovecot.stderr"))
+        wait_greeting(self.port, 15, self.proc)
+
+    def lmtp_pids(self):
+        """PIDs of the master and its children (lmtp workers etc.)."""
+        pids = [self.proc.pid]
+        try:
+            with open("/proc/%d/task/%d/children"
+                      % (self.proc.pid, self.proc.pid)) as f:
+                pids += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+        return pids
+
+
+DOVECOT_CONF = """\
+# generated by bench/common.py - Dovecot LMTP proxy '{name}'
+instance_name = bench-{name}
+hostname = {name}.bench.test
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/log/dovecot.log
+info_log_path = {d}/log/dovecot.log
+protocols = lmtp
+listen = 127.0.0.1
+ssl = no
+default_internal_user = dovecot
+default_login_user = dovenull
+auth_mechanisms = plain
+lmtp_proxy = yes
+passdb {{
+  driver = passwd-file
+  args = username_format=%Lu {d}/routes-users
+}}
+passdb {{
+  driver = passwd-file
+  args = username_format=%Ld {d}/routes-domains
+}}
+userdb {{
+  driver = passwd-file
+  args = {d}/no-local-users
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+service doveadm {{
+  inet_listener {{
+    port = 0
+  }}
+}}
+"""
+
+
+# ------------------------------------------------------------------- proxy
+
+def venv_dir():
+    return os.path.abspath(os.environ.get("VENV") or os.path.join(REPO, ".venv"))
+
+
+def proxy_yaml(port, backends, users, extra_config=""):
+    """backends: {name: port}; users: list of (key, backend) in order."""
+    lines = ["config:",
+             "  socket: [127.0.0.1, %d]" % port,
+             "  ignoreDomain: false",
+             "  pool_size: 8"]
+    if extra_config:
+        lines.append(extra_config.rstrip("\n"))
+    lines.append("backends:")
+    for name, p in backends.items():
+        lines.append("  %s: {host: 127.0.0.1, port: %d}" % (name, p))
+    lines.append("users:")
+    for key, be in users:
+        lines.append('  "%s": %s' % (key, be))
+    return "\n".join(lines) + "\n"
+
+
+BENCH_USERS = [("@bench.test", "sinkA"),
+               ("2bench@split.test", "sinkB"),
+               ("4bench@split.test", "sinkB"),
+               ("@split.test", "sinkA")]
+
+
+class OurProxy:
+    """twistd -n lmtp-proxy from $VENV (default REPO/.venv)."""
+
+    def __init__(self, workdir, yaml_text=None, backends=None, users=None,
+                 name="proxy", port=None, timeout=60.0):
+        self.dir = d = os.path.join(workdir, name)
+        os.makedirs(d, exist_ok=True)
+        self.name = name
+        self.port = port or free_port()
+        self.config = os.path.join(d, "proxy.yaml")
+        if yaml_text is None:
+            yaml_text = proxy_yaml(self.port, backends, users or BENCH_USERS)
+        with open(self.config, "w") as f:
+            f.write(yaml_text)
+        self.venv = venv_dir()
+        twistd = os.path.join(self.venv, "bin", "twistd")
+        if not os.access(twistd, os.X_OK):
+            raise Fail("no %s (set VENV, or run 'make -C bench venv')" % twistd)
+        self.logfile = os.path.join(d, "proxy.log")
+        self.pidfile = os.path.join(d, "p.pid")
+        if os.path.exists(self.pidfile):
+            os.unlink(self.pidfile)
+        self.argv = [twistd, "-n", "--pidfile=" + self.pidfile,
+                     "--logfile=" + self.logfile, "lmtp-proxy",
+                     "--config", self.config]
+        self.t0 = time.monotonic()
+        self.proc = spawn(name, self.argv, os.path.join(d, "twistd.out"),
+                          cwd=d)
+        try:
+            wait_greeting(self.port, timeout, self.proc)
+        except Fail as e:
+            raise Fail("%s\n  command: %s\n  twistd.out:\n%s\n  proxy.log "
+                       "(tail):\n%s" % (e, " ".join(self.argv),
+                                        tail(os.path.join(d, "twistd.out")),
+                                        tail(self.logfile)))
+        self.startup_s = time.monotonic() - self.t0
+        self.pid = self.proc.pid
+
+    def alive(self):
+        return self.proc.poll() is None
+
+
+def tail(path, n=30):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError as e:
+        return "(%s)" % e
+
+
+# -------------------------------------------------------------- LMTP client
+
+class LMTPError(Exception):
+    pass
+
+
+class LMTPClient:
+    """Minimal blocking LMTP client: one reply per accepted recipient."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=30.0, lhlo=True):
+        self.sock = socket.create_connection((host, port), timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.greeting = self.reply()
+        if not self.greeting[0].startswith("2"):
+            raise LMTPError("greeting %r" % (self.greeting,))
+        if lhlo:
+            self.cmd("LHLO bench.client.test")
+
+    def _line(self):
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise LMTPError("connection closed")
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.rstrip(b"\r").decode("latin-1")
+
+    def reply(self):
+        lines = []
+        while True:
+            line = self._line()
+            lines.append(line)
+            if len(line) < 4 or line[3] != "-":
+                return (line[:3], lines)
+
+    def cmd(self, text, expect="2"):
+        self.sock.sendall(text.encode("latin-1") + b"\r\n")
+        code, lines = self.reply()
+        if expect and not code.startswith(expect):
+            raise LMTPError("%s -> %s" % (text, " | ".join(lines)))
+        return code, lines
+
+    def send(self, sender, rcpts, body):
+        """body: bytes (CRLF lines, already dot-safe) or an iterable of
+        bytes chunks.  Returns the list of per-recipient final replies."""
+        self.cmd("MAIL FROM:<%s>" % sender)
+        ok = []
+        for r in rcpts:
+            code, lines = self.cmd("RCPT TO:<%s>" % r, expect=None)
+            if code.startswith("2"):
+                ok.append(r)
+        if not ok:
+            self.cmd("RSET")
+            return []
+        self.cmd("DATA", expect="3")
+        if isinstance(body, (bytes, bytearray)):
+            self.sock.sendall(bytes(body) + b".\r\n")
+        else:
+            for chunk in body:
+                self.sock.sendall(chunk)
+            self.sock.sendall(b".\r\n")
+        return [self.reply() for _ in ok]
+
+    def quit(self):
+        try:
+            self.cmd("QUIT", expect=None)
+        except (OSError, LMTPError):
+            pass
+        self.sock.close()
+
+
+def make_body(size, tag="bench"):
+    hdr = ("From: <src@harness.test>\r\nTo: <bench@bench.test>\r\n"
+           "Subject: %s\r\nMessage-Id: <%s.%d@harness.test>\r\n\r\n"
+           % (tag, tag, os.getpid())).encode()
+    line = b"x" * 76 + b"\r\n"
+    n = max(1, size // len(line))
+    return hdr + line * n
+
+
+# ------------------------------------------------------------ results file
+
+def update_section(path, name, text):
+    """Replace (or append) the block between <!-- NAME:begin/end --> markers."""
+    begin, end = "<!-- %s:begin -->" % name, "<!-- %s:end -->" % name
+    block = "%s\n%s\n%s\n" % (begin, text.rstrip("\n"), end)
+    try:
+        with open(path) as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = "# lmtp-proxy benchmark results\n\n"
+    m = re.search(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", old,
+                  re.S)
+    new = old[:m.start()] + block + old[m.end():] if m else \
+        old.rstrip("\n") + "\n\n" + block
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+
+
+def _cmd_out(argv):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, cwd="/",
+                              timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return "(%s)" % e
+
+
+def machine_info():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem = "%.1f GiB" % (int(line.split()[1]) / 1048576)
+    venv = venv_dir()
+    py = os.path.join(venv, "bin", "python")
+    if os.access(py, os.X_OK):
+        pyver = _cmd_out([py, "-c", "import sys; print(sys.version.split()[0])"])
+        tw = _cmd_out([py, "-c", "import twisted; print(twisted.__version__)"])
+        ours = _cmd_out([py, "-c", "import lmtp_proxy, os; print(getattr("
+                         "lmtp_proxy, '__version__', '?'), "
+                         "os.path.dirname(lmtp_proxy.__file__))"])
+    else:
+        pyver = tw = ours = "(no venv at %s)" % venv
+    git = _cmd_out(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
+    return [
+        ("host", "%s, nproc=%s, CPU: %s, RAM %s, kernel %s, loadavg at start %s"
+         % (os.uname().nodename, os.cpu_count(), cpu, mem, os.uname().release,
+            " ".join(open("/proc/loadavg").read().split()[:3]))),
+        ("python (venv %s)" % venv, pyver),
+        ("Twisted", tw),
+        ("Postfix", _cmd_out(["postconf", "-d", "mail_version"])),
+        ("Dovecot", _cmd_out(["dovecot", "--version"])),
+        ("lmtp-proxy", "%s (git %s)" % (ours, git or "no commits")),
+        ("orchestrator python", sys.version.split()[0]),
+    ]
+
+
+def machine_md():
+    return "\n".join("* **%s**: %s" % kv for kv in machine_info())
+
+
+def pct(values, q):
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def median(values):
+    return pct(values, 0.5)

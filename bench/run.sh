@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# bench/run.sh - the whole lmtp-proxy benchmark in one command (`make bench`).
+#
+#   bench/run.sh [--quick] [--no-proxy] [BENCH.PY OPTIONS...]
+#
+# 1. bench/bench.py   throughput matrix: direct sink / our proxy / Dovecot's
+#                     LMTP proxy, interleaved per cell, sink counters checked
+# 2. bench/memory.py  RSS relaying one 50 MB message, RSS with 1000 idle
+#                     sessions, added latency per message (median, p99)
+# 3. bench/reload.py  reload of a 100,000-user config: reload time and the
+#                     longest event-loop stall seen by a NOOP ticker
+# Results go to bench/RESULTS.md.  Every server is started by these scripts
+# on 127.0.0.1 and stopped by its own PID (also on error or ^C).
+#
+# Environment:
+#   VENV=DIR      venv holding the proxy (default: .venv at the repo root;
+#                 `make bench` creates it)
+#   QUICK=1       small message counts, one run per cell (a few minutes)
+#   NO_PROXY=1    direct and Dovecot only (skips steps 2 and 3)
+#   RUNS, MSGS, MSGS_LARGE   override runs per cell / messages per run
+#   SKIP_MEMORY=1, SKIP_RELOAD=1, SKIP_MATRIX=1
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+export VENV=${VENV:-$repo/.venv}
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+export BENCH_CMDLINE="${QUICK:+QUICK=$QUICK }${NO_PROXY:+NO_PROXY=$NO_PROXY }bench/run.sh $*"
+cd "$repo"
+
+no_proxy=${NO_PROXY:-}
+for arg in "$@"; do
+    case $arg in --no-proxy) no_proxy=1 ;; --quick) export QUICK=1 ;; esac
+done
+[ "$no_proxy" = 0 ] && no_proxy=""
+
+rc=0
+if [ -z "${SKIP_MATRIX:-}" ]; then
+    python3 "$here/bench.py" "$@" || rc=1
+fi
+if [ -z "$no_proxy" ]; then
+    if [ -z "${SKIP_MEMORY:-}" ]; then
+        python3 "$here/memory.py" ${QUICK:+--quick} || rc=1
+    fi
+    if [ -z "${SKIP_RELOAD:-}" ]; then
+        python3 "$here/reload.py" ${QUICK:+--quick} || rc=1
+    fi
+fi
+if [ $rc -ne 0 ]; then
+    echo "bench/run.sh: *** FAIL (see above and bench/RESULTS.md)" >&2
+else
+    echo "bench/run.sh: all steps passed; results in bench/RESULTS.md" >&2
+fi
+exit $rc

@@ -1,0 +1,394 @@
+"""
+The LMTP client that talks to one backend connection.
+
+Twisted's C{SMTPClient} speaks EHLO, expects a single reply after the final
+dot, re-encodes the message and keeps every line it sent (AUTH included) for
+its error messages; none of that fits a byte-exact LMTP relay. This client is
+a small line receiver with a queue of reply waiters: every command gets a
+L{Deferred} that fires with that command's L{Reply}, and a connection that
+fails for any reason fails every waiter with a L{BackendError} that already
+knows the 4xx reply the recipients it touches should get.
+"""
+
+import base64
+import re
+from collections import deque
+from dataclasses import dataclass
+
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.protocols.basic import LineOnlyReceiver
+
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    One SMTP/LMTP reply: a code and its text lines.
+    """
+
+    code: int
+    lines: tuple = ("",)
+
+    @property
+    def positive(self):
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self):
+        return 400 <= self.code < 500
+
+    def withEnhancedCode(self):
+        """
+        Return this reply with an enhanced status code (RFC 3463) on every
+        line, adding the generic C{X.0.0} where the backend sent none.
+        """
+        if all(_ENHANCED.match(line) for line in self.lines):
+            return self
+        prefix = "%d.0.0" % (self.code // 100,)
+        return Reply(
+            self.code,
+            tuple(
+                line if _ENHANCED.match(line) else (prefix + " " + line).rstrip()
+                for line in self.lines
+            ),
+        )
+
+    def toBytes(self):
+        """
+        Encode as the bytes of a reply on the wire.
+        """
+        last = len(self.lines) - 1
+        return b"".join(
+            b"%d%s%s\r\n"
+            % (self.code, b" " if i == last else b"-", line.encode("utf-8", "replace"))
+            for i, line in enumerate(self.lines)
+        )
+
+    def __str__(self):
+        return " / ".join("%d %s" % (self.code, line) for line in self.lines)
+
+
+def reply(code, text):
+    """
+    Build a one-line L{Reply}.
+    """
+    return Reply(code, (text,))
+
+
+class BackendError(Exception):
+    """
+    A backend could not give a verdict. C{reply} is what the recipients it
+    touches get: always a 4xx, so the MTA keeps their mail queued.
+    """
+
+    enhanced = "4.4.0"
+    summary = "backend failed"
+
+    def __init__(self, detail=""):
+        Exception.__init__(self, detail)
+        self.detail = detail
+
+    @property
+    def reply(self):
+        return reply(451, "%s %s, try again later" % (self.enhanced, self.summary))
+
+
+class BackendUnavailable(BackendError):
+    """
+    The backend could not be reached.
+    """
+
+    enhanced = "4.4.1"
+    summary = "backend unavailable"
+
+
+class BackendTimeout(BackendError):
+    """
+    The backend did not answer in time.
+    """
+
+    enhanced = "4.4.2"
+    summary = "backend timed out"
+
+
+class BackendLost(BackendError):
+    """
+    The backend closed the connection before it answered.
+    """
+
+    enhanced = "4.4.2"
+    summary = "backend connection lost"
+
+
+class BackendProtocolError(BackendError):
+    """
+    The backend sent something that is not a valid reply.
+    """
+
+    enhanced = "4.5.0"
+    summary = "backend protocol error"
+
+
+class BackendAuthFailed(BackendError):
+    """
+    The backend refused our credentials.
+    """
+
+    enhanced = "4.7.0"
+    summary = "backend authentication failed"
+
+
+class _Waiter:
+    __slots__ = ("deferred", "timeout")
+
+    def __init__(self, timeout):
+        self.deferred = defer.Deferred()
+        self.timeout = timeout
+
+
+class LMTPClient(LineOnlyReceiver):
+    """
+    One connection to an LMTP backend.
+
+    @ivar extensions: the LHLO keywords (upper case) and their parameters.
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 16384
+
+    def __init__(self, clock, commandTimeout):
+        self._clock = clock
+        self._commandTimeout = commandTimeout
+        self._waiters = deque()
+        self._unsent = deque()
+        self._inFlight = 0
+        self._lines = []
+        self._timer = None
+        self._failure = None
+        self.extensions = {}
+        self.pipelining = False
+        self.greeting = None
+
+    # IProtocol
+
+    def connectionMade(self):
+        """
+        Start waiting for the greeting.
+        """
+        self.greeting = self._expect(self._commandTimeout).deferred
+
+    def connectionLost(self, reason=ConnectionDone):
+        """
+        Fail every reply still awaited.
+        """
+        self._fail(BackendLost(reason.getErrorMessage()))
+
+    def lineReceived(self, line):
+        """
+        Parse one reply line; hand a complete reply to the oldest waiter.
+        """
+        if not self._waiters:
+            return self._fail(BackendProtocolError("unexpected reply"))
+        text = line.decode("utf-8", "replace")
+        if (
+            len(text) < 3
+            or not text[:3].isdigit()
+            or text[0] not in "2345"
+            or (len(text) > 3 and text[3] not in " -")
+        ):
+            return self._fail(BackendProtocolError("bad reply line"))
+        code = int(text[:3])
+        if self._lines and code != self._lines[0][0]:
+            return self._fail(BackendProtocolError("inconsistent multiline reply"))
+        self._lines.append((code, text[4:]))
+        self._armTimer()
+        if text[3:4] == "-":
+            return
+        result = Reply(code, tuple(t for _, t in self._lines))
+        self._lines = []
+        waiter = self._waiters.popleft()
+        self._inFlight = max(0, self._inFlight - 1)
+        self._armTimer()
+        self._sendUnsent()
+        waiter.deferred.callback(result)
+
+    def lineLengthExceeded(self, line):
+        """
+        A reply line this long is garbage, not a reply.
+        """
+        self._fail(BackendProtocolError("reply line too long"))
+
+    # the API used by the delivery
+
+    @property
+    def usable(self):
+        """
+        Whether this connection can still carry commands.
+        """
+        return self._failure is None and self.transport is not None and (
+            self.transport.connected
+        )
+
+    def command(self, line, timeout=None):
+        """
+        Send one command line and return a L{Deferred} that fires with its
+        L{Reply} or fails with a L{BackendError}.
+
+        Towards a backend that does not offer PIPELINING, a command is held
+        until the previous reply arrived.
+        """
+        waiter = self._expect(self._commandTimeout if timeout is None else timeout)
+        if self._failure is None:
+            self._unsent.append(line)
+            self._sendUnsent()
+        return waiter.deferred
+
+    def expectReplies(self, count, timeout):
+        """
+        Return C{count} L{Deferred}s for replies that data already written
+        (the final dot) will produce.
+        """
+        return [self._expect(timeout).deferred for _ in range(count)]
+
+    def writeData(self, data):
+        """
+        Relay message bytes as they are.
+        """
+        if self._failure is None:
+            self.transport.write(data)
+
+    def abort(self):
+        """
+        Drop the connection without another byte, so a message in progress
+        is never completed.
+        """
+        self._fail(BackendLost("aborted"))
+
+    @defer.inlineCallbacks
+    def handshake(self, hostname, user=None, password=None):
+        """
+        Wait for the greeting, send LHLO and authenticate if credentials are
+        configured.
+
+        @return: a L{Deferred} firing with this client.
+        """
+        greeting = yield self.greeting
+        if greeting.code != 220:
+            raise BackendUnavailable("greeting %d" % (greeting.code,))
+        lhlo = yield self.command(b"LHLO " + hostname.encode("ascii", "replace"))
+        if not lhlo.positive:
+            raise BackendProtocolError("LHLO refused with %d" % (lhlo.code,))
+        self.extensions = _parseExtensions(lhlo.lines[1:])
+        self.pipelining = "PIPELINING" in self.extensions
+        if user is not None:
+            yield self._authenticate(user, password)
+        return self
+
+    # internals
+
+    @defer.inlineCallbacks
+    def _authenticate(self, user, password):
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in mechanisms or "LOGIN" not in mechanisms:
+            token = base64.b64encode(
+                b"\0" + user.encode("utf-8") + b"\0" + password.encode("utf-8")
+            )
+            result = yield self.command(b"AUTH PLAIN " + token)
+        else:
+            result = yield self.command(b"AUTH LOGIN")
+            for secret in (user, password):
+                if result.code != 334:
+                    break
+                result = yield self.command(base64.b64encode(secret.encode("utf-8")))
+        if result.code != 235:
+            raise BackendAuthFailed("AUTH answered %d" % (result.code,))
+
+    def _expect(self, timeout):
+        waiter = _Waiter(timeout)
+        if self._failure is not None:
+            waiter.deferred.errback(self._failure)
+            return waiter
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            self._armTimer()
+        return waiter
+
+    def _sendUnsent(self):
+        while self._unsent and (self.pipelining or self._inFlight == 0):
+            self._inFlight += 1
+            self.sendLine(self._unsent.popleft())
+
+    def _armTimer(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._waiters and self._failure is None:
+            self._timer = self._clock.callLater(
+                self._waiters[0].timeout, self._timedOut
+            )
+
+    def _timedOut(self):
+        self._timer = None
+        self._fail(BackendTimeout("no reply in time"))
+
+    def _fail(self, error):
+        if self._failure is None:
+            self._failure = error
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            if self.transport is not None:
+                self.transport.abortConnection()
+        self._unsent.clear()
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            waiter.deferred.errback(self._failure)
+
+
+def _parseExtensions(lines):
+    """
+    Map LHLO keywords to their parameters. smtp-sink ends its list with an
+    empty line, which is ignored rather than refused.
+    """
+    extensions = {}
+    for line in lines:
+        words = line.split(None, 1)
+        if words:
+            extensions[words[0].upper()] = words[1] if len(words) > 1 else ""
+    return extensions
+
+
+def connectBackend(reactor, backend, hostname, connectTimeout, commandTimeout):
+    """
+    Connect to C{backend} (a L{lmtp_proxy.config.Backend}), wait for its
+    greeting, send LHLO and authenticate.
+
+    @return: a L{Deferred} firing with a ready L{LMTPClient}, or failing with
+        a L{BackendError}.
+    """
+    if backend.socket:
+        endpoint = UNIXClientEndpoint(reactor, backend.socket, timeout=connectTimeout)
+    else:
+        endpoint = HostnameEndpoint(
+            reactor, backend.host, backend.port, timeout=connectTimeout
+        )
+    client = LMTPClient(reactor, commandTimeout)
+    factory = protocol.Factory.forProtocol(lambda: client)
+    # One connection per transaction would log two lines each otherwise.
+    factory.noisy = False
+    connecting = endpoint.connect(factory)
+
+    def connectFailed(failure):
+        client.abort()
+        if failure.check(BackendError):
+            return failure
+        raise BackendUnavailable(failure.getErrorMessage())
+
+    connecting.addCallbacks(
+        lambda _: client.handshake(hostname, backend.user, backend.password),
+    )
+    connecting.addErrback(connectFailed)
+    return connecting

@@ -1,0 +1,442 @@
+"""
+The delivery that joins one client transaction to its backend sessions.
+
+Recipients of one backend share one backend transaction. Nothing here ever
+answers 2xx for a recipient on its own: every positive reply given to the
+client is the reply its backend gave, and every fault becomes a 4xx for the
+recipients it touches.
+"""
+
+import os
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from lmtp_proxy.client import BackendError, BackendLost, BackendTimeout, reply
+from lmtp_proxy.routing import REJECT
+
+REJECTED = reply(451, "4.2.1 Mailbox temporarily unavailable, try again later")
+UNROUTED = reply(550, "5.1.1 No such user here")
+ABORTED = reply(451, "4.3.0 Message not completed")
+
+# Which LHLO keyword a backend must offer before a MAIL or RCPT parameter may
+# be passed on to it.
+PARAMETER_EXTENSIONS = {
+    b"SIZE": "SIZE",
+    b"BODY": "8BITMIME",
+    b"SMTPUTF8": "SMTPUTF8",
+    b"RET": "DSN",
+    b"ENVID": "DSN",
+    b"NOTIFY": "DSN",
+    b"ORCPT": "DSN",
+}
+
+
+def newTransactionId():
+    """
+    A short random id in the spirit of a Postfix queue id.
+    """
+    return os.urandom(5).hex().upper()
+
+
+def _forwarded(params, client):
+    return b"".join(
+        b" " + raw
+        for key, raw in params
+        if PARAMETER_EXTENSIONS.get(key) in client.extensions
+    )
+
+
+class Delivery:
+    """
+    What every client session of one listener shares: the reactor, the
+    routing state and the backend connections.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, state, pool):
+        self.reactor = reactor
+        self.state = state
+        self.pool = pool
+
+    def begin(self, client, sender, params):
+        """
+        Start a transaction for C{MAIL FROM:<sender>}.
+        """
+        return Transaction(self, client, sender, params)
+
+
+@implementer(IPushProducer)
+class _Throttle:
+    """
+    Registered with one backend's transport while the message streams: a
+    backend that cannot keep up pauses reading from the client, and one that
+    stays stuck for a command timeout is dropped, so a single slow backend
+    neither fills our memory nor stalls the others forever.
+    """
+
+    def __init__(self, session, pauseClient, resumeClient):
+        self._session = session
+        self._pauseClient = pauseClient
+        self._resumeClient = resumeClient
+        self._timer = None
+
+    def pauseProducing(self):
+        if self._timer is None:
+            self._pauseClient(self)
+            self._timer = self._session.clock.callLater(
+                self._session.config.command_timeout, self._stuck
+            )
+
+    def resumeProducing(self):
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            self._resumeClient(self)
+
+    def stopProducing(self):
+        self.resumeProducing()
+
+    def _stuck(self):
+        self._timer = None
+        self._resumeClient(self)
+        self._session.fail(BackendTimeout("backend stopped reading"))
+
+
+class BackendSession:
+    """
+    One backend's share of one transaction: a connection, the MAIL, the
+    recipients it accepted.
+    """
+
+    def __init__(self, transaction, backend):
+        self.transaction = transaction
+        self.backend = backend
+        self.config = transaction.config
+        self.clock = transaction.delivery.reactor
+        self.client = None
+        self.failure = None
+        self.accepted = 0
+        self._throttle = None
+
+    @defer.inlineCallbacks
+    def open(self):
+        """
+        Get a connection and send MAIL FROM. On failure C{self.failure} holds
+        the reply the recipients of this backend get.
+        """
+        pool = self.transaction.delivery.pool
+        for attempt in (0, 1):
+            try:
+                client, reused = yield pool.acquire(self.backend, self.config)
+            except BackendError as e:
+                self.failure = e.reply
+                return
+            tx = self.transaction
+            try:
+                result = yield client.command(
+                    b"MAIL FROM:<" + tx.sender + b">" + _forwarded(tx.params, client)
+                )
+            except BackendError as e:
+                if isinstance(e, BackendLost) and reused and attempt == 0:
+                    # A pooled connection the backend closed while idle.
+                    continue
+                self.failure = e.reply
+                return
+            if result.positive:
+                self.client = client
+            else:
+                self.failure = result.withEnhancedCode()
+                self._release(client, reset=True)
+            return
+
+    @defer.inlineCallbacks
+    def rcpt(self, address, params):
+        """
+        Send one RCPT and return the reply for the client.
+        """
+        if self.client is None and self.failure is None:
+            yield self.open()
+        if self.failure is not None:
+            return self.failure
+        try:
+            result = yield self.client.command(
+                b"RCPT TO:<" + address + b">" + _forwarded(params, self.client)
+            )
+        except BackendError as e:
+            self.fail(e)
+            return self.failure
+        if result.positive:
+            self.accepted += 1
+        elif not 400 <= result.code < 600:
+            self.fail(BackendError("unexpected RCPT reply %d" % (result.code,)))
+            return self.failure
+        return result.withEnhancedCode()
+
+    @defer.inlineCallbacks
+    def startData(self, pauseClient, resumeClient):
+        """
+        Send DATA and wait for the backend's 354.
+        """
+        if self.failure is not None or not self.accepted:
+            return
+        try:
+            result = yield self.client.command(b"DATA")
+        except BackendError as e:
+            self.fail(e)
+            return
+        if result.code != 354:
+            self.failure = (
+                result if 400 <= result.code < 600 else BackendError().reply
+            ).withEnhancedCode()
+            self._release(self.client, reset=True)
+            self.client = None
+            return
+        self._throttle = _Throttle(self, pauseClient, resumeClient)
+        self.client.transport.registerProducer(self._throttle, True)
+
+    def write(self, data):
+        """
+        Relay message bytes.
+        """
+        if self._throttle is not None:
+            self.client.writeData(data)
+
+    def finish(self):
+        """
+        Send the final dot and return one L{Deferred} per accepted recipient.
+        """
+        if self._throttle is None:
+            self.reset()
+            return [defer.succeed(self.failure or ABORTED) for _ in range(self.accepted)]
+        client = self.client
+        self._stopStreaming()
+        client.writeData(b".\r\n")
+        replies = client.expectReplies(self.accepted, self.config.data_timeout)
+        results = [d.addCallbacks(self._finalReply, self._finalFailure) for d in replies]
+        defer.DeferredList(replies).addCallback(self._finished, client)
+        return results
+
+    def fail(self, error):
+        """
+        Give up on this backend: drop its connection, and remember the reply
+        its recipients get.
+        """
+        if self.failure is None:
+            self.failure = error.reply
+        self.abort()
+
+    def abort(self):
+        """
+        Drop the connection without completing anything on it.
+        """
+        self._stopStreaming()
+        if self.client is not None:
+            self.client.abort()
+            self.client = None
+
+    def reset(self):
+        """
+        End this backend transaction without a message (client RSET).
+        """
+        self._stopStreaming()
+        if self.client is not None:
+            self._release(self.client, reset=True)
+            self.client = None
+
+    def _stopStreaming(self):
+        if self._throttle is not None:
+            self._throttle.stopProducing()
+            self._throttle = None
+            if self.client is not None and self.client.transport is not None:
+                self.client.transport.unregisterProducer()
+
+    def _finalReply(self, result):
+        if 200 <= result.code < 600:
+            return result.withEnhancedCode()
+        return BackendError("unexpected reply %d after DATA" % (result.code,)).reply
+
+    def _finalFailure(self, failure):
+        failure.trap(BackendError)
+        return failure.value.reply
+
+    def _finished(self, results, client):
+        self.client = None
+        if all(ok for ok, _ in results) and client.usable:
+            self._release(client)
+        else:
+            client.abort()
+
+    def _release(self, client, reset=False):
+        pool = self.transaction.delivery.pool
+        if not reset:
+            pool.release(self.backend, client, self.config)
+            return
+        if not client.usable:
+            return
+
+        def resetDone(result):
+            if result.positive:
+                pool.release(self.backend, client, self.config)
+            else:
+                client.abort()
+
+        client.command(b"RSET").addCallbacks(resetDone, lambda f: None)
+
+
+class Recipient:
+    """
+    One RCPT of a transaction.
+    """
+
+    __slots__ = ("address", "route", "session", "reply")
+
+    def __init__(self, address, route, session, result):
+        self.address = address
+        self.route = route
+        self.session = session
+        self.reply = result
+
+
+class Transaction:
+    """
+    One MAIL transaction of a client session.
+    """
+
+    def __init__(self, delivery, client, sender, params):
+        self.delivery = delivery
+        self.client = client
+        self.sender = sender
+        self.params = params
+        self.id = newTransactionId()
+        self.started = delivery.reactor.seconds()
+        self.generation = delivery.state.begin()
+        self.config = delivery.state.config
+        self.sessions = {}
+        self.accepted = []
+        self._ended = False
+
+    @defer.inlineCallbacks
+    def rcpt(self, address, local, domain, params):
+        """
+        Route one recipient and return the reply for the client.
+
+        @param address: the address exactly as the client sent it (bytes).
+        @param local: its local part, for routing (str).
+        @param domain: its domain or C{None} (str).
+        """
+        state = self.delivery.state
+        route = state.table.route(local, domain)
+        if route is None:
+            self._outcome(address, None, UNROUTED)
+            return UNROUTED
+        if route.backend == REJECT:
+            self._outcome(address, route, REJECTED)
+            return REJECTED
+        session = self.sessions.get(route.backend)
+        if session is None:
+            session = BackendSession(self, state.config.backends[route.backend])
+            self.sessions[route.backend] = session
+        result = yield session.rcpt(address, params)
+        if self._ended:
+            session.abort()
+            return ABORTED
+        if result.positive:
+            self.accepted.append(Recipient(address, route, session, None))
+        else:
+            self._outcome(address, route, result)
+        return result
+
+    def startData(self, pauseClient, resumeClient):
+        """
+        Send DATA to every backend that accepted a recipient.
+
+        @return: a L{Deferred} that fires once every backend is ready for
+            the message or has failed.
+        """
+        return defer.gatherResults(
+            [s.startData(pauseClient, resumeClient) for s in self.sessions.values()]
+        )
+
+    def write(self, data):
+        """
+        Relay a piece of the message, still dot-stuffed, to every backend.
+        """
+        for session in self.sessions.values():
+            session.write(data)
+
+    def finish(self):
+        """
+        End the message on every backend.
+
+        @return: one L{Deferred} per accepted recipient, in RCPT order, each
+            firing with the reply for the client.
+        """
+        pending = {name: iter(s.finish()) for name, s in self.sessions.items()}
+        results = []
+        for recipient in self.accepted:
+            d = next(pending[recipient.route.backend])
+            d.addCallback(self._delivered, recipient)
+            results.append(d)
+        defer.DeferredList(results).addCallback(lambda _: self._end())
+        return results
+
+    def fail(self, result):
+        """
+        Refuse the message for every accepted recipient with C{result},
+        without completing it on any backend.
+        """
+        self.abort()
+        for recipient in self.accepted:
+            self._outcome(recipient.address, recipient.route, result)
+        return [result] * len(self.accepted)
+
+    def abort(self):
+        """
+        Drop every backend transaction so nothing is delivered anywhere.
+        """
+        for session in self.sessions.values():
+            session.abort()
+        self._end()
+
+    def reset(self):
+        """
+        End the transaction without a message (RSET, LHLO).
+        """
+        for session in self.sessions.values():
+            session.reset()
+        self._end()
+
+    def _delivered(self, result, recipient):
+        self._outcome(recipient.address, recipient.route, result)
+        return result
+
+    def _end(self):
+        if not self._ended:
+            self._ended = True
+            self.delivery.state.end(self.generation)
+
+    def _outcome(self, address, route, result):
+        if result.positive:
+            status = "sent"
+        elif result.transient:
+            status = "deferred"
+        else:
+            status = "bounced"
+        backend = route.backend if route is not None else "none"
+        self.delivery.log.info(
+            "{txid}: to=<{rcpt}>, backend={backend}, client={client}, "
+            "from=<{sender}>, delay={delay:.3f}, status={status} ({reply})",
+            txid=self.id,
+            rcpt=address.decode("utf-8", "replace"),
+            backend=backend,
+            client=self.client,
+            sender=self.sender.decode("utf-8", "replace"),
+            delay=self.delivery.reactor.seconds() - self.started,
+            status=status,
+            reply=str(result),
+        )

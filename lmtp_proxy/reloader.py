@@ -1,0 +1,129 @@
+"""
+Loading a configuration for a reload without stalling the event loop.
+
+libyaml composes a whole document while holding the GIL: for a table of
+100,000 users that stalls every other thread for over 100 ms at a time, even
+from a worker thread. So a reload parses and validates the file in a child
+process (C{python -m lmtp_proxy.reloader FILE}), which hands back the checked
+configuration as JSON, one line for the settings and one per user, so that
+the parent decodes it in a thread in small steps that never hold the GIL
+for long, and builds the routing table there too.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+from types import MappingProxyType
+
+from twisted.internet import utils
+from twisted.internet.threads import deferToThreadPool
+
+import lmtp_proxy
+from lmtp_proxy import config as configuration
+from lmtp_proxy.routing import RoutingTable
+
+
+def toPlain(loaded):
+    """
+    A JSON-ready dict of a L{configuration.Config}.
+    """
+    plain = {
+        f.name: getattr(loaded, f.name) for f in dataclasses.fields(configuration.Config)
+    }
+    plain["backends"] = {
+        name: dataclasses.asdict(backend) for name, backend in loaded.backends.items()
+    }
+    del plain["users"]
+    return plain
+
+
+def fromPlain(plain, users):
+    """
+    The L{configuration.Config} that L{toPlain} and C{users} describe
+    (already validated by the child).
+    """
+    plain = dict(plain)
+    if isinstance(plain["socket"], list):
+        plain["socket"] = tuple(plain["socket"])
+    plain["backends"] = MappingProxyType(
+        {
+            name: configuration.Backend(**backend)
+            for name, backend in plain["backends"].items()
+        }
+    )
+    plain["users"] = MappingProxyType(users)
+    return configuration.Config(**plain)
+
+
+class ChildConfigError(configuration.ConfigError):
+    """
+    The child's own one-line message, which already names the file.
+    """
+
+    def __str__(self):
+        return self.problem
+
+
+def _build(output, old):
+    lines = output.splitlines()
+    new = fromPlain(json.loads(lines[0]), dict(json.loads(line) for line in lines[1:]))
+    return new, RoutingTable.fromConfig(new), configuration.describeChanges(old, new)
+
+
+def reloadConfig(reactor, old):
+    """
+    Load C{old.source} again.
+
+    @return: a L{Deferred} firing with C{(config, table, summary)}, or
+        failing with L{configuration.ConfigError}.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(lmtp_proxy.__file__)))]
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    child = utils.getProcessOutputAndValue(
+        sys.executable,
+        ["-m", "lmtp_proxy.reloader", old.source],
+        env=env,
+        reactor=reactor,
+    )
+
+    def parsed(result):
+        output, errors, status = result
+        if status == 2:
+            raise ChildConfigError(
+                old.source, None, None, errors.decode("utf-8", "replace").strip()
+            )
+        if status != 0:
+            raise configuration.ConfigError(
+                old.source,
+                None,
+                None,
+                "the configuration could not be loaded (status %s): %s"
+                % (status, errors.decode("utf-8", "replace").strip()[-500:]),
+            )
+        return deferToThreadPool(reactor, reactor.getThreadPool(), _build, output, old)
+
+    return child.addCallback(parsed)
+
+
+def main(argv):
+    """
+    Print the checked configuration of C{argv[0]} as JSON, or its error on
+    standard error with exit status 2.
+    """
+    try:
+        loaded = configuration.load(argv[0])
+    except configuration.ConfigError as e:
+        sys.stderr.write("%s\n" % (e,))
+        return 2
+    out = sys.stdout
+    out.write(json.dumps(toPlain(loaded)) + "\n")
+    out.writelines(json.dumps(item) + "\n" for item in loaded.users.items())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,620 @@
+"""
+The LMTP server (RFC 2033) that faces the MTA.
+
+This is not a subclass of C{twisted.mail.smtp.ESMTP}: most of what that
+class does has to be undone for an LMTP proxy (no LHLO, EHLO on unix
+sockets, one reply after the final dot, replies out of order when pipelined,
+message bodies executed as commands after a long line, header guessing; see
+C{docs/twisted-mail-pitfalls.md}). Instead one protocol object owns the whole
+session state, reads its input itself, and never looks at a command while
+the reply to an earlier one is outstanding, so replies always go out in
+command order.
+"""
+
+import re
+
+from twisted.internet import defer, protocol
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
+
+from lmtp_proxy.client import Reply, reply
+
+MAX_COMMAND_LINE = 4096
+# Past this much unread pipelined input, stop reading until the replies
+# owed catch up.
+MAX_PENDING_INPUT = 65536
+
+_PATH = re.compile(r"^(FROM|TO):\s*(<[^>]*>|[^\s<>]*)(.*)$", re.IGNORECASE | re.DOTALL)
+_XTEXT = re.compile(r"^[\x21-\x7e]*$")
+_NOTIFY = re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I)
+
+OK = reply(250, "2.0.0 Ok")
+BAD_SEQUENCE_LHLO = reply(503, "5.5.1 Error: send LHLO first")
+NEED_MAIL = reply(503, "5.5.1 Error: need MAIL command")
+NEED_RCPT = reply(503, "5.5.1 Error: no valid recipients")
+NESTED_MAIL = reply(503, "5.5.1 Error: nested MAIL command")
+LINE_TOO_LONG = reply(500, "5.5.2 Error: command line too long")
+BAD_CHARACTERS = reply(500, "5.5.2 Error: non-ASCII characters in command")
+NOT_UTF8_ENABLED = reply(553, "5.6.7 Error: non-ASCII address without SMTPUTF8")
+UNRECOGNISED = reply(500, "5.5.2 Error: command not recognized")
+NOT_IMPLEMENTED = reply(502, "5.5.1 Error: command not implemented")
+NOT_LMTP = reply(500, "5.5.1 Error: this is an LMTP server, use LHLO")
+INTERNAL_ERROR = reply(451, "4.3.0 Error: internal error, try again later")
+SMUGGLING = reply(
+    554,
+    "5.6.0 Message refused: bare LF, or a lone dot framed by bare CR or LF, "
+    "in the message",
+)
+
+
+def _toBytes(text):
+    return text.encode("utf-8")
+
+
+class _Command:
+    """
+    A parsed MAIL or RCPT argument.
+    """
+
+    def __init__(self, address, params):
+        self.address = address
+        self.params = params
+
+
+class LMTPServer(protocol.Protocol):
+    """
+    One LMTP session with the MTA.
+
+    @ivar transaction: the L{lmtp_proxy.delivery.Transaction} in progress.
+    """
+
+    log = Logger()
+
+    def __init__(self, delivery):
+        self.delivery = delivery
+        self.clock = delivery.reactor
+        self.transaction = None
+        self._buffer = bytearray()
+        self._greeted = False
+        self._utf8 = False
+        self._inData = False
+        self._busy = False
+        self._awaitingVerdicts = False
+        self._processing = False
+        self._closed = False
+        self._draining = False
+        self._skipping = False
+        self._pauses = set()
+        self._idleTimer = None
+        self._dataError = None
+        self._dataSize = 0
+        self.peer = "unknown"
+
+    @property
+    def config(self):
+        return self.delivery.state.config
+
+    # IProtocol
+
+    def connectionMade(self):
+        """
+        Greet the client and start the idle timer.
+        """
+        peer = self.transport.getPeer()
+        if isinstance(peer, (IPv4Address, IPv6Address)):
+            self.peer = "%s:%d" % (peer.host, peer.port)
+        else:
+            self.peer = "unix"
+        self._send(reply(220, "%s LMTP lmtp-proxy ready" % (self.config.hostname,)))
+        self._armIdleTimer()
+
+    def dataReceived(self, data):
+        """
+        Buffer the input and handle as much of it as the replies owed allow.
+        """
+        if self._closed:
+            return
+        self._buffer += data
+        self._armIdleTimer()
+        self._process()
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        """
+        A client that leaves before the final dot delivers nothing anywhere.
+        """
+        self._closed = True
+        self._cancelIdleTimer()
+        if self.transaction is not None and not self._awaitingVerdicts:
+            self.transaction.abort()
+            self.transaction = None
+
+    # graceful stop
+
+    def beginShutdown(self):
+        """
+        Let the transaction in progress finish, then close with 421.
+        """
+        self._draining = True
+        self._closeIfIdle()
+
+    def forceShutdown(self):
+        """
+        The grace period is over: drop a transaction that has not reached the
+        final dot (nothing is delivered for it) and close with 421.
+        """
+        if self._awaitingVerdicts or self._closed:
+            return
+        if self.transaction is not None:
+            self.transaction.abort()
+            self.transaction = None
+        self._shutdownNow()
+
+    # input handling
+
+    def _process(self):
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._busy and not self._closed:
+                if self._inData:
+                    if not self._consumeData():
+                        break
+                elif not self._consumeCommand():
+                    break
+        finally:
+            self._processing = False
+        if self._busy and len(self._buffer) > MAX_PENDING_INPUT:
+            self._pause("input")
+        else:
+            self._resume("input")
+        self._closeIfIdle()
+
+    def _consumeCommand(self):
+        buf = self._buffer
+        end = buf.find(b"\n")
+        if end < 0:
+            if len(buf) > MAX_COMMAND_LINE:
+                del buf[:]
+                if not self._skipping:
+                    self._skipping = True
+                    self._send(LINE_TOO_LONG)
+            return False
+        line = bytes(buf[:end])
+        del buf[: end + 1]
+        if self._skipping:
+            # The tail of a command line that was already refused.
+            self._skipping = False
+            return True
+        if len(line) > MAX_COMMAND_LINE:
+            self._send(LINE_TOO_LONG)
+            return True
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        self._command(line)
+        return True
+
+    def _command(self, line):
+        verb = line.split(b" ", 1)[0].upper()
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            text = self._decodeUTF8(verb, line)
+            if isinstance(text, Reply):
+                self._send(text)
+                return
+        verb, _, argument = text.partition(" ")
+        handler = getattr(self, "lmtp_" + verb.upper(), None)
+        if handler is None:
+            self._send(UNRECOGNISED)
+            return
+        try:
+            result = handler(argument.strip())
+        except Exception:
+            self.log.failure("command {verb} failed", verb=verb)
+            result = INTERNAL_ERROR
+        if isinstance(result, defer.Deferred):
+            self._wait(result)
+        elif result is not None:
+            self._send(result)
+
+    def _decodeUTF8(self, verb, line):
+        """
+        Non-ASCII bytes are only valid as UTF-8 addresses in MAIL (with the
+        SMTPUTF8 parameter) and RCPT of such a transaction.
+        """
+        utf8 = (verb == b"MAIL" and b"SMTPUTF8" in line.upper()) or (
+            verb == b"RCPT" and self._utf8
+        )
+        if verb in (b"MAIL", b"RCPT") and not utf8:
+            return NOT_UTF8_ENABLED
+        if not utf8:
+            return BAD_CHARACTERS
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError:
+            return BAD_CHARACTERS
+
+    def _wait(self, deferred):
+        self._busy = True
+        self._cancelIdleTimer()
+        deferred.addErrback(self._internalError)
+        deferred.addCallback(self._waited)
+
+    def _internalError(self, failure):
+        self.log.failure("internal error", failure)
+        return INTERNAL_ERROR
+
+    def _waited(self, result):
+        self._busy = False
+        if self._closed:
+            return
+        if result is not None:
+            self._send(result)
+        self._armIdleTimer()
+        self._process()
+
+    def _send(self, result):
+        if not self._closed:
+            self.transport.write(result.toBytes())
+
+    # commands
+
+    def lmtp_LHLO(self, argument):
+        """
+        RFC 2033 4.1: name ourselves and list the extensions.
+        """
+        if not argument:
+            return reply(501, "5.5.4 Syntax: LHLO hostname")
+        self._resetTransaction()
+        self._greeted = True
+        size = self.config.max_message_size
+        extensions = [
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "SIZE %d" % (size,) if size else "SIZE",
+            "SMTPUTF8",
+            "DSN",
+        ]
+        return Reply(250, (self.config.hostname,) + tuple(extensions))
+
+    def lmtp_HELO(self, argument):
+        """
+        RFC 2033 4.1: an LMTP server must not answer HELO or EHLO with 2xx.
+        """
+        return NOT_LMTP
+
+    lmtp_EHLO = lmtp_HELO
+
+    def lmtp_NOOP(self, argument):
+        return OK
+
+    def lmtp_RSET(self, argument):
+        self._resetTransaction()
+        return OK
+
+    def lmtp_VRFY(self, argument):
+        if not argument:
+            return reply(501, "5.5.4 Syntax: VRFY address")
+        return reply(252, "2.5.2 Cannot VRFY user, but will attempt delivery")
+
+    def lmtp_HELP(self, argument):
+        return reply(214, "2.0.0 Commands: LHLO MAIL RCPT DATA RSET NOOP VRFY QUIT")
+
+    def lmtp_QUIT(self, argument):
+        self._send(reply(221, "2.0.0 Bye"))
+        self._close()
+
+    def lmtp_AUTH(self, argument):
+        return NOT_IMPLEMENTED
+
+    lmtp_STARTTLS = lmtp_ETRN = lmtp_TURN = lmtp_EXPN = lmtp_BDAT = lmtp_AUTH
+
+    def lmtp_MAIL(self, argument):
+        if not self._greeted:
+            return BAD_SEQUENCE_LHLO
+        if self.transaction is not None:
+            return NESTED_MAIL
+        parsed = self._parsePath(argument, "FROM", _MAIL_PARAMETERS)
+        if isinstance(parsed, Reply):
+            return parsed
+        size = self.config.max_message_size
+        for key, raw in parsed.params:
+            if key == b"SIZE" and size and int(raw[5:]) > size:
+                return reply(552, "5.3.4 Message size exceeds fixed limit")
+        self._utf8 = any(key == b"SMTPUTF8" for key, _ in parsed.params)
+        self.transaction = self.delivery.begin(
+            self.peer, _toBytes(parsed.address), parsed.params
+        )
+        return reply(250, "2.1.0 Ok")
+
+    def lmtp_RCPT(self, argument):
+        if self.transaction is None:
+            return NEED_MAIL
+        parsed = self._parsePath(argument, "TO", _RCPT_PARAMETERS)
+        if isinstance(parsed, Reply):
+            return parsed
+        address = parsed.address
+        mailbox = address.rsplit(":", 1)[-1] if address.startswith("@") else address
+        if not mailbox or mailbox.startswith("@") or mailbox.endswith("@"):
+            return reply(501, "5.1.3 Bad recipient address syntax")
+        local, at, domain = mailbox.rpartition("@")
+        if not at:
+            local, domain = mailbox, None
+        return self.transaction.rcpt(_toBytes(address), local, domain, parsed.params)
+
+    def lmtp_DATA(self, argument):
+        if self.transaction is None:
+            return NEED_MAIL
+        if not self.transaction.accepted:
+            return NEED_RCPT
+        ready = self.transaction.startData(self._pause, self._resume)
+        return ready.addCallback(self._startData)
+
+    def _startData(self, ignored):
+        if self.transaction is None:
+            return None
+        self._inData = True
+        self._dataError = None
+        self._dataSize = 0
+        self._skipping = False
+        return reply(354, "Start mail input; end with <CRLF>.<CRLF>")
+
+    # message data
+
+    def _consumeData(self):
+        """
+        Relay complete lines of the message, still dot-stuffed, to the
+        backends, checking them on the way.
+
+        @return: whether the message ended.
+        """
+        buf = self._buffer
+        if self._skipping:
+            end = buf.find(b"\n")
+            if end < 0:
+                del buf[:]
+                return False
+            del buf[: end + 1]
+            self._skipping = False
+        last = buf.rfind(b"\n")
+        if last < 0:
+            if len(buf) > self.config.max_line_length:
+                self._refuseData(self._lineTooLong())
+                self._skipping = True
+                del buf[:]
+            return False
+        if buf.startswith(b".\r\n"):
+            end = 0
+        else:
+            end = buf.find(b"\r\n.\r\n", 0, last + 1)
+            end = end + 2 if end >= 0 else -1
+        body = bytes(buf[: end if end >= 0 else last + 1])
+        if self._dataError is None and body:
+            self._checkAndRelay(body)
+        if end < 0:
+            del buf[: last + 1]
+            if len(buf) > self.config.max_line_length:
+                self._refuseData(self._lineTooLong())
+                self._skipping = True
+                del buf[:]
+            return False
+        del buf[: end + 3]
+        self._endOfData()
+        return True
+
+    def _checkAndRelay(self, body):
+        config = self.config
+        if body.count(b"\n") != body.count(b"\r\n") or (
+            body.startswith(b".\r") or b"\n.\r" in body or b"\r.\r" in body
+        ):
+            self._refuseData(SMUGGLING)
+            return
+        limit = config.max_line_length
+        if len(body) > limit and _longestLineOver(body, limit):
+            self._refuseData(self._lineTooLong())
+            return
+        self._dataSize += len(body)
+        if config.max_message_size and self._dataSize > config.max_message_size:
+            self._refuseData(reply(552, "5.3.4 Message size exceeds fixed limit"))
+            return
+        self.transaction.write(body)
+
+    def _lineTooLong(self):
+        return reply(
+            554,
+            "5.6.0 Message refused: a line is longer than %d bytes"
+            % (self.config.max_line_length,),
+        )
+
+    def _refuseData(self, result):
+        """
+        The message cannot be delivered: stop relaying it and drop every
+        backend transaction now, so no backend can complete it.
+        """
+        if self._dataError is None:
+            self._dataError = result
+            for session in self.transaction.sessions.values():
+                session.abort()
+
+    def _endOfData(self):
+        transaction, self.transaction = self.transaction, None
+        self._inData = False
+        self._utf8 = False
+        if self._dataError is not None:
+            for result in transaction.fail(self._dataError):
+                self._send(result)
+            return
+        self._awaitingVerdicts = True
+        self._wait(self._relayVerdicts(transaction.finish()))
+
+    @defer.inlineCallbacks
+    def _relayVerdicts(self, verdicts):
+        """
+        One reply per accepted recipient, in RCPT order, each sent as soon as
+        it and every earlier one are known.
+        """
+        try:
+            for verdict in verdicts:
+                result = yield verdict
+                self._send(result)
+        finally:
+            self._awaitingVerdicts = False
+            if self._closed:
+                self._closeIfIdle()
+
+    # flow control, timeouts, closing
+
+    def _pause(self, reason):
+        if not self._pauses and not self._closed:
+            self.transport.pauseProducing()
+            self._cancelIdleTimer()
+        self._pauses.add(reason)
+
+    def _resume(self, reason):
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses and not self._closed:
+                self.transport.resumeProducing()
+                self._armIdleTimer()
+
+    def _armIdleTimer(self):
+        self._cancelIdleTimer()
+        if not (self._busy or self._pauses or self._closed):
+            self._idleTimer = self.clock.callLater(
+                self.config.idle_timeout, self._idleTimedOut
+            )
+
+    def _cancelIdleTimer(self):
+        if self._idleTimer is not None and self._idleTimer.active():
+            self._idleTimer.cancel()
+        self._idleTimer = None
+
+    def _idleTimedOut(self):
+        self._idleTimer = None
+        if self.transaction is not None:
+            self.transaction.abort()
+            self.transaction = None
+        self._send(reply(421, "4.4.2 %s Error: timeout exceeded" % (self.config.hostname,)))
+        self._close()
+
+    def _closeIfIdle(self):
+        if (
+            self._draining
+            and not self._closed
+            and not self._busy
+            and not self._inData
+            and self.transaction is None
+        ):
+            self._shutdownNow()
+
+    def _shutdownNow(self):
+        self._send(reply(421, "4.3.2 %s Service shutting down" % (self.config.hostname,)))
+        self._close()
+
+    def _close(self):
+        self._cancelIdleTimer()
+        if not self._closed:
+            self._closed = True
+            self.transport.loseConnection()
+
+    def _resetTransaction(self):
+        if self.transaction is not None:
+            self.transaction.reset()
+            self.transaction = None
+        self._utf8 = False
+
+    def _parsePath(self, argument, keyword, allowed):
+        match = _PATH.match(argument)
+        if match is None or match.group(1).upper() != keyword:
+            return reply(
+                501, "5.5.4 Syntax: %s %s:<address>" % (
+                    "MAIL" if keyword == "FROM" else "RCPT", keyword
+                )
+            )
+        address = match.group(2)
+        if address.startswith("<"):
+            address = address[1:-1]
+        params = []
+        for token in match.group(3).split():
+            key, _, value = token.partition("=")
+            key = key.upper()
+            check = allowed.get(key)
+            if check is None:
+                return reply(555, "5.5.4 Unsupported parameter %s" % (key,))
+            if not check(value):
+                return reply(501, "5.5.4 Bad parameter value for %s" % (key,))
+            params.append((key.encode("ascii"), _toBytes(token)))
+        return _Command(address, params)
+
+
+def _longestLineOver(body, limit):
+    """
+    Whether a line of C{body} (complete lines) is longer than C{limit} bytes,
+    looking at one window per C{limit} bytes rather than at every line.
+    """
+    start = 0
+    size = len(body)
+    while size - start > limit:
+        newline = body.rfind(b"\n", start, start + limit)
+        if newline < 0:
+            return True
+        start = newline + 1
+    return False
+
+
+_MAIL_PARAMETERS = {
+    "SIZE": lambda v: v.isdigit(),
+    "BODY": lambda v: v.upper() in ("7BIT", "8BITMIME"),
+    "SMTPUTF8": lambda v: v == "",
+    "RET": lambda v: v.upper() in ("FULL", "HDRS"),
+    "ENVID": lambda v: bool(v) and bool(_XTEXT.match(v)),
+}
+
+_RCPT_PARAMETERS = {
+    "NOTIFY": lambda v: bool(_NOTIFY.match(v)),
+    "ORCPT": lambda v: ";" in v,
+}
+
+
+class LMTPServerFactory(protocol.Factory):
+    """
+    Builds L{LMTPServer}s and keeps track of them for a graceful stop.
+    """
+
+    noisy = False
+
+    def __init__(self, delivery):
+        self.delivery = delivery
+        self.sessions = set()
+        self._allGone = []
+
+    def buildProtocol(self, addr):
+        server = _TrackedServer(self.delivery)
+        server.factory = self
+        self.sessions.add(server)
+        return server
+
+    def sessionEnded(self, server):
+        self.sessions.discard(server)
+        if not self.sessions:
+            waiters, self._allGone = self._allGone, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def whenAllGone(self):
+        """
+        A L{Deferred} that fires when no session is left.
+        """
+        if not self.sessions:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._allGone.append(waiter)
+        return waiter
+
+
+class _TrackedServer(LMTPServer):
+    def connectionLost(self, reason=protocol.connectionDone):
+        LMTPServer.connectionLost(self, reason)
+        self.factory.sessionEnded(self)

@@ -1,0 +1,247 @@
+"""
+The twistd service: listening, reload on SIGUSR1, graceful stop.
+"""
+
+import grp
+import os
+import pwd
+import signal
+import socket
+import stat
+import time
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+
+from lmtp_proxy import config as configuration
+from lmtp_proxy.control import ControlFactory, controlAddress
+from lmtp_proxy.delivery import Delivery
+from lmtp_proxy.pool import BackendPool
+from lmtp_proxy.reloader import reloadConfig
+from lmtp_proxy.server import LMTPServerFactory
+from lmtp_proxy.state import ProxyState
+
+DEFAULT_CONFIG = "/etc/lmtp-proxy.yaml"
+_LISTENER_KEYS = ("socket", "owner", "group", "permissions")
+
+
+class Options(usage.Options):
+    """
+    Command line of C{twistd lmtp-proxy}.
+    """
+
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "An LMTP proxy: accepts mail over LMTP and delivers each recipient "
+        "to the LMTP backend its routing table names."
+    )
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG, "Configuration file (YAML)."],
+    ]
+
+
+def makeService(options):
+    """
+    Load and check the configuration (so a mistake reaches the terminal
+    before twistd daemonizes) and build the service.
+    """
+    from twisted.internet import reactor
+
+    try:
+        loaded = configuration.load(options["config"])
+        _socketOwner(loaded)
+    except configuration.ConfigError as e:
+        raise usage.UsageError(str(e))
+    return ProxyService(loaded, reactor)
+
+
+class ProxyService(service.Service):
+    """
+    Runs the proxy for one configuration file.
+    """
+
+    log = Logger()
+
+    def __init__(self, loaded, reactor):
+        self.reactor = reactor
+        self.state = ProxyState(loaded)
+        self.pool = BackendPool(reactor)
+        self.factory = LMTPServerFactory(Delivery(reactor, self.state, self.pool))
+        self.controlAddress = controlAddress(loaded)
+        self._listeners = []
+        self._previousSIGUSR1 = None
+        self._reloadLock = defer.DeferredLock()
+
+    # IService
+
+    def privilegedStartService(self):
+        """
+        Bind the sockets while still root, and set the unix socket's owner.
+        """
+        listen = self.state.config
+        if isinstance(listen.socket, str):
+            _removeStaleSocket(listen.socket)
+            port = self.reactor.listenUNIX(
+                listen.socket,
+                self.factory,
+                mode=0o666 if listen.permissions is None else listen.permissions,
+                wantPID=True,
+            )
+            uid, gid = _socketOwner(listen)
+            if (uid, gid) != (-1, -1):
+                os.chown(listen.socket, uid, gid)
+        else:
+            host, number = listen.socket
+            port = self.reactor.listenTCP(number, self.factory, interface=host)
+        self._listeners.append(port)
+        control = self.controlAddress
+        if not control.startswith("\0"):
+            _removeStaleSocket(control)
+        try:
+            self._listeners.append(
+                self.reactor.listenUNIX(control, ControlFactory(self), mode=0o600)
+            )
+        except Exception as e:
+            self.log.warn(
+                "control socket unavailable ({error}); "
+                "reload --wait will not work, SIGUSR1 still reloads",
+                error=e,
+            )
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        """
+        Own SIGUSR1, chaining to twistd's log rotation when it installed one.
+        """
+        service.Service.startService(self)
+        self._previousSIGUSR1 = signal.signal(signal.SIGUSR1, self._sigusr1)
+        self.log.info(
+            "lmtp-proxy listening on {socket}, {users} users, backends: {backends}",
+            socket=self.state.config.socket,
+            users=len(self.state.config.users),
+            backends=", ".join(
+                "%s (%s)" % (b.name, b.describe())
+                for b in self.state.config.backends.values()
+            )
+            or "none",
+        )
+
+    def stopService(self):
+        """
+        Stop accepting at once, let transactions finish for the grace period,
+        then close the sessions that are left with 421.
+        """
+        service.Service.stopService(self)
+        if self._previousSIGUSR1 is not None:
+            signal.signal(signal.SIGUSR1, self._previousSIGUSR1)
+            self._previousSIGUSR1 = None
+        listeners, self._listeners = self._listeners, []
+        stopped = [defer.maybeDeferred(port.stopListening) for port in listeners]
+        grace = self.state.config.shutdown_grace
+        sessions = list(self.factory.sessions)
+        if sessions:
+            self.log.info(
+                "stopping: {count} session(s) open, {grace} s grace period",
+                count=len(sessions),
+                grace=grace,
+            )
+        for session in sessions:
+            session.beginShutdown()
+        timer = self.reactor.callLater(grace, self._forceShutdown)
+        gone = self.factory.whenAllGone()
+        gone.addBoth(lambda result: timer.active() and timer.cancel())
+        gone.addBoth(lambda _: self.pool.closeIdle())
+        return defer.DeferredList(stopped + [gone])
+
+    def _forceShutdown(self):
+        for session in list(self.factory.sessions):
+            session.forceShutdown()
+
+    # reload
+
+    def _sigusr1(self, signum, frame):
+        self.reactor.callFromThread(self.reload)
+        if callable(self._previousSIGUSR1):
+            self._previousSIGUSR1(signum, frame)
+
+    def reload(self):
+        """
+        Re-read the configuration file; put it in force only if it is valid
+        as a whole. Reloads run one after another.
+
+        @return: a L{Deferred} firing with C{(generation, summary)} or failing
+            with L{lmtp_proxy.config.ConfigError}.
+        """
+        return self._reloadLock.run(self._reload)
+
+    def _reload(self):
+        started = time.monotonic()
+        old = self.state.config
+        loading = reloadConfig(self.reactor, old)
+
+        def loaded(result):
+            new, table, summary = result
+            generation = self.state.swap(new, table)
+            self.log.info(
+                "reload: generation {generation} from {source} in {seconds:.3f} s: "
+                "{summary}",
+                generation=generation,
+                source=new.source,
+                seconds=time.monotonic() - started,
+                summary=summary,
+            )
+            if any(getattr(old, k) != getattr(new, k) for k in _LISTENER_KEYS):
+                self.log.warn(
+                    "reload: the listening socket settings changed; "
+                    "they take effect only after a restart"
+                )
+            return generation, summary
+
+        def refused(failure):
+            failure.trap(configuration.ConfigError)
+            self.log.error(
+                "reload refused, keeping the configuration in force: {error}",
+                error=failure.value,
+            )
+            return failure
+
+        return loading.addCallbacks(loaded, refused)
+
+
+def _removeStaleSocket(path):
+    """
+    Remove a unix socket left behind by a proxy that died, but never a live
+    one or a file that is not a socket.
+    """
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except OSError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.remove(path)
+    finally:
+        probe.close()
+
+
+def _socketOwner(listen):
+    """
+    The uid and gid (-1 for unchanged) that the unix socket gets.
+    """
+    try:
+        uid = listen.owner if listen.owner is not None else -1
+        if isinstance(uid, str):
+            uid = pwd.getpwnam(uid).pw_uid
+        gid = listen.group if listen.group is not None else -1
+        if isinstance(gid, str):
+            gid = grp.getgrnam(gid).gr_gid
+    except KeyError as e:
+        raise configuration.ConfigError(
+            listen.source, None, "config", "no such user or group: %s" % (e,)
+        )
+    return uid, gid

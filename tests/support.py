@@ -1,0 +1,289 @@
+"""
+Test fixtures: a scriptable in-process LMTP backend, the proxy on loopback,
+and a raw LMTP client that collects replies.
+"""
+
+import re
+
+import yaml
+from twisted.internet import defer, protocol, reactor
+from twisted.protocols.basic import LineReceiver
+
+from lmtp_proxy import config as configuration
+from lmtp_proxy.delivery import Delivery
+from lmtp_proxy.pool import BackendPool
+from lmtp_proxy.server import LMTPServerFactory
+from lmtp_proxy.state import ProxyState
+
+
+class FakeBackendProtocol(LineReceiver):
+    """
+    One connection to a L{FakeBackend}.
+    """
+
+    MAX_LENGTH = 1 << 20
+
+    def connectionMade(self):
+        backend = self.factory
+        backend.connections += 1
+        backend.open.add(self)
+        self.recipients = []
+        self.data = bytearray()
+        self.inData = False
+        self._answer(backend.greeting)
+
+    def connectionLost(self, reason):
+        backend = self.factory
+        backend.open.discard(self)
+        if self.inData:
+            backend.aborted.append(bytes(self.data))
+
+    def _answer(self, text):
+        if text is not None:
+            self.transport.write(text if isinstance(text, bytes) else text.encode())
+
+    def lineReceived(self, line):
+        backend = self.factory
+        backend.commands.append(line)
+        verb = line.split(b" ", 1)[0].upper().decode("ascii", "replace")
+        action = backend.actions.get(verb)
+        if action == "hang":
+            return
+        if action == "close":
+            self.transport.loseConnection()
+            return
+        if isinstance(action, bytes):
+            self._answer(action)
+            return
+        if verb == "LHLO":
+            lines = [b"fake.test"] + [e.encode() for e in backend.extensions]
+            self._answer(
+                b"".join(
+                    b"250%s%s\r\n" % (b" " if i == len(lines) - 1 else b"-", l)
+                    for i, l in enumerate(lines)
+                )
+                + backend.lhloTrailer
+            )
+        elif verb == "MAIL":
+            self.recipients = []
+            self._answer(b"250 2.1.0 Ok\r\n")
+        elif verb == "RCPT":
+            address = re.search(rb"<([^>]*)>", line).group(1)
+            answer = backend.rcptReplies.get(address, b"250 2.1.5 Ok\r\n")
+            if answer.startswith(b"2"):
+                self.recipients.append(address)
+            self._answer(answer)
+        elif verb == "DATA":
+            self._answer(b"354 go ahead\r\n")
+            self.inData = True
+            self.data = bytearray()
+            self.setRawMode()
+        elif verb == "RSET":
+            self.recipients = []
+            self._answer(b"250 2.0.0 Ok\r\n")
+        elif verb == "AUTH":
+            self._answer(b"235 2.7.0 Authenticated\r\n")
+        elif verb == "QUIT":
+            self._answer(b"221 2.0.0 Bye\r\n")
+            self.transport.loseConnection()
+        else:
+            self._answer(b"250 2.0.0 Ok\r\n")
+
+    def rawDataReceived(self, data):
+        backend = self.factory
+        self.data += data
+        if backend.dataAction == "close":
+            self.transport.loseConnection()
+            return
+        if self.data.startswith(b".\r\n"):
+            end = 0
+        else:
+            end = self.data.find(b"\r\n.\r\n")
+            if end < 0:
+                return
+            end += 2
+        message = bytes(self.data[:end])
+        rest = bytes(self.data[end + 3 :])
+        self.inData = False
+        backend.messages.append(message)
+        if backend.dataAction == "hang":
+            return
+        for address in self.recipients:
+            self._answer(backend.dataReplies.get(address, b"250 2.0.0 <%s> Saved\r\n" % (address,)))
+        self.setLineMode(rest)
+
+
+class FakeBackend(protocol.Factory):
+    """
+    A scriptable LMTP backend listening on 127.0.0.1 or a unix socket.
+
+    @ivar actions: verb -> C{"hang"}, C{"close"} or the raw bytes to answer.
+    @ivar dataAction: C{None}, C{"close"} (drop the connection on the first
+        message byte) or C{"hang"} (never answer after the final dot).
+    @ivar messages: each complete message as received (still dot-stuffed).
+    @ivar aborted: message bytes of connections closed before the final dot.
+    """
+
+    protocol = FakeBackendProtocol
+    noisy = False
+
+    def __init__(self, testcase, unix=None, extensions=("PIPELINING", "8BITMIME", "SIZE", "DSN")):
+        self.greeting = b"220 fake.test LMTP ready\r\n"
+        self.extensions = list(extensions)
+        self.lhloTrailer = b""
+        self.actions = {}
+        self.rcptReplies = {}
+        self.dataReplies = {}
+        self.dataAction = None
+        self.commands = []
+        self.messages = []
+        self.aborted = []
+        self.connections = 0
+        self.open = set()
+        if unix is None:
+            self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
+            self.entry = {"host": "127.0.0.1", "port": self.port.getHost().port}
+        else:
+            self.port = reactor.listenUNIX(unix, self)
+            self.entry = {"socket": unix}
+        testcase.addCleanup(self.stop)
+
+    def stop(self):
+        for connection in list(self.open):
+            connection.transport.abortConnection()
+        return self.port.stopListening()
+
+    def verbs(self):
+        """
+        The verbs received, in order.
+        """
+        return [c.split(b" ", 1)[0].upper() for c in self.commands]
+
+
+def deadPort():
+    """
+    A 127.0.0.1 port nothing listens on.
+    """
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Proxy:
+    """
+    The proxy's server side on 127.0.0.1, built from a config mapping.
+    """
+
+    def __init__(self, testcase, settings, backends, users, clock=reactor):
+        document = {
+            "config": dict({"socket": ["127.0.0.1", 1]}, **settings),
+            "backends": backends,
+            "users": users,
+        }
+        self.config = configuration.parse(yaml.safe_dump(document), "<test>")
+        self.state = ProxyState(self.config)
+        self.pool = BackendPool(clock)
+        self.delivery = Delivery(clock, self.state, self.pool)
+        self.factory = LMTPServerFactory(self.delivery)
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        testcase.addCleanup(self.stop)
+
+    @property
+    def address(self):
+        return self.port.getHost().port
+
+    def stop(self):
+        for session in list(self.factory.sessions):
+            session.transport.abortConnection()
+        self.pool.closeIdle()
+        return self.port.stopListening()
+
+    def connect(self, testcase):
+        """
+        Connect an L{LMTPTestClient}; fires with it after the greeting.
+        """
+        return connectClient(testcase, self.address)
+
+
+class LMTPTestClient(protocol.Protocol):
+    """
+    Sends raw bytes and collects complete replies.
+    """
+
+    def __init__(self):
+        self.received = bytearray()
+        self.replies = []
+        self.lost = defer.Deferred()
+        self._waiting = []
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+        self._check(final=True)
+
+    def dataReceived(self, data):
+        self.received += data
+        while b"\r\n" in self.received:
+            line, _, rest = bytes(self.received).partition(b"\r\n")
+            self.received = bytearray(rest)
+            self._partial = getattr(self, "_partial", []) + [line.decode("latin-1")]
+            if len(line) < 4 or line[3:4] != b"-":
+                self.replies.append(self._partial)
+                self._partial = []
+        self._check()
+
+    def _check(self, final=False):
+        for entry in list(self._waiting):
+            count, d = entry
+            if len(self.replies) >= count or final:
+                self._waiting.remove(entry)
+                d.callback([r[-1] for r in self.replies[:count]])
+
+    def send(self, data):
+        self.transport.write(data)
+
+    def waitReplies(self, count):
+        """
+        Fire with the last line of each of the first C{count} replies (or
+        with what came before the connection closed).
+        """
+        d = defer.Deferred()
+        self._waiting.append((count, d))
+        self._check(final=self.lost.called)
+        return d
+
+    def codes(self):
+        return [int(r[-1][:3]) for r in self.replies]
+
+
+def connectClient(testcase, address):
+    """
+    Connect an L{LMTPTestClient} to 127.0.0.1:C{address} or a unix path.
+    """
+    creator = protocol.ClientCreator(reactor, LMTPTestClient)
+    if isinstance(address, int):
+        d = creator.connectTCP("127.0.0.1", address)
+    else:
+        d = creator.connectUNIX(address)
+
+    def connected(client):
+        testcase.addCleanup(client.transport.abortConnection)
+        return client.waitReplies(1).addCallback(lambda _: client)
+
+    return d.addCallback(connected)
+
+
+def transaction(recipients, body=b"Subject: test\r\n\r\nhello\r\n", sender=b"s@example.test", quit=True):
+    """
+    The bytes of a whole pipelined LMTP session.
+    """
+    lines = [b"LHLO client.test", b"MAIL FROM:<" + sender + b">"]
+    lines += [b"RCPT TO:<" + r + b">" for r in recipients]
+    lines.append(b"DATA")
+    data = b"\r\n".join(lines) + b"\r\n" + body + b".\r\n"
+    if quit:
+        data += b"QUIT\r\n"
+    return data
