@@ -60,9 +60,10 @@ run: $(INSTALL_STAMP)
 # Installs the third-party peers only when root and one of them is missing;
 # otherwise the peer tests skip (and fail under CI=true).
 peers:
-	@missing=""; \
+	@export PATH="$(PEER_PATH)"; \
+	missing=""; \
 	for tool in $(PEER_TOOLS); do \
-	    PATH="$(PEER_PATH)" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	    command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \

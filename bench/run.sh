@@ -24,7 +24,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 export VENV=${VENV:-$repo/.venv}
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
-export BENCH_CMDLINE="${QUICK:+QUICK=$QUICK }${NO_PROXY:+NO_PROXY=$NO_PROXY }bench/run.sh $*"
+export BENCH_CMDLINE="bench/run.sh${*:+ $*}"
 cd "$repo"
 
 no_proxy=${NO_PROXY:-}

@@ -251,6 +251,9 @@ class LMTPClient(LineOnlyReceiver):
         Return C{count} L{Deferred}s for replies that data already written
         (the final dot) will produce.
         """
+        # They are owed like command replies: a backend without PIPELINING
+        # must not get the next command before the last of them.
+        self._inFlight += count
         return [self._expect(timeout).deferred for _ in range(count)]
 
     def writeData(self, data):

@@ -53,7 +53,9 @@ def makeService(options):
         loaded = configuration.load(options["config"])
         _socketOwner(loaded)
     except configuration.ConfigError as e:
-        raise usage.UsageError(str(e))
+        # twistd only handles UsageError while parsing options; from here
+        # anything but SystemExit becomes a traceback.
+        raise SystemExit("lmtp-proxy: %s" % (e,))
     return ProxyService(loaded, reactor)
 
 

@@ -47,6 +47,9 @@ class FakeBackendProtocol(LineReceiver):
         backend.commands.append(line)
         verb = line.split(b" ", 1)[0].upper().decode("ascii", "replace")
         action = backend.actions.get(verb)
+        if callable(action):
+            action(self, line)
+            return
         if action == "hang":
             return
         if action == "close":
@@ -78,6 +81,8 @@ class FakeBackendProtocol(LineReceiver):
             self.inData = True
             self.data = bytearray()
             self.setRawMode()
+            if backend.dataAction == "pause":
+                self.transport.pauseProducing()
         elif verb == "RSET":
             self.recipients = []
             self._answer(b"250 2.0.0 Ok\r\n")
@@ -117,9 +122,11 @@ class FakeBackend(protocol.Factory):
     """
     A scriptable LMTP backend listening on 127.0.0.1 or a unix socket.
 
-    @ivar actions: verb -> C{"hang"}, C{"close"} or the raw bytes to answer.
+    @ivar actions: verb -> C{"hang"}, C{"close"}, the raw bytes to answer, or
+        a callable C{(protocol, line)} that does the answering itself.
     @ivar dataAction: C{None}, C{"close"} (drop the connection on the first
-        message byte) or C{"hang"} (never answer after the final dot).
+        message byte), C{"hang"} (never answer after the final dot) or
+        C{"pause"} (stop reading from the socket once DATA is answered).
     @ivar messages: each complete message as received (still dot-stuffed).
     @ivar aborted: message bytes of connections closed before the final dot.
     """

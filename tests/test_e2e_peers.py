@@ -476,8 +476,11 @@ class PostfixTests(_Base):
                 return ok
             finally:
                 c.quit()
-        peers.waitFor(carolRouted, 10, interval=0.2,
-                      what="the proxy to route carol to new after SIGUSR1")
+        try:
+            peers.waitFor(carolRouted, 10, interval=0.2,
+                          what="the proxy to route carol to new after SIGUSR1")
+        except self.failureException as e:
+            self.fail("%s\nproxy log:\n%s" % (e, proxy.log()[-6000:]))
         self.assertTrue(proxy.alive())
         mta.flush()
         mta.waitEmpty(30)
