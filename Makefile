@@ -65,6 +65,7 @@ peers:
 	for tool in $(PEER_TOOLS); do \
 	    command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
 	done; \
+	[ -e /usr/lib/dovecot/lmtp ] || missing="$$missing dovecot-lmtpd"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
 	    echo "Installing the test peers (missing:$$missing)"; \
@@ -84,4 +85,4 @@ bench: $(INSTALL_STAMP) peers
 	PATH="$(PEER_PATH)" bash bench/run.sh $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info _trial_temp
+	rm -rf $(VENV) build *.egg-info _trial_temp twisted/plugins/dropin.cache

@@ -80,12 +80,15 @@ def smtp_source(port, n, sessions, rcpts, size, to, keep, timeout):
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
+    C.track("smtp-source", p)
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()                      # our own child, by its Popen handle
         out, _ = p.communicate()
         return None, "timeout after %.0f s: %s" % (timeout, out.decode()[-300:])
+    finally:
+        C.untrack(p)
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         return None, "smtp-source rc=%d: %s" % (p.returncode,

@@ -99,6 +99,15 @@ def install_cleanup():
         signal.signal(s, _on_signal)
 
 
+def track(name, popen):
+    """Have stop_all()/signals stop this child (by its PID) too."""
+    _children.append((name, popen.pid, popen))
+
+
+def untrack(popen):
+    _children[:] = [c for c in _children if c[2] is not popen]
+
+
 def spawn(name, argv, logpath, **kw):
     out = open(logpath, "ab")
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,

@@ -33,16 +33,34 @@ for arg in "$@"; do
 done
 [ "$no_proxy" = 0 ] && no_proxy=""
 
+# Each step is a Python child that stops its own servers by PID on exit or
+# on SIGINT/SIGTERM; a signal to this script is passed on to that child.
+child=""
+on_signal() {
+    [ -n "$child" ] && kill -TERM "$child" 2>/dev/null && wait "$child"
+    echo "bench/run.sh: interrupted" >&2
+    exit 130
+}
+trap on_signal INT TERM HUP
+step() {
+    python3 "$@" &
+    child=$!
+    wait "$child"
+    local st=$?
+    child=""
+    return $st
+}
+
 rc=0
 if [ -z "${SKIP_MATRIX:-}" ]; then
-    python3 "$here/bench.py" "$@" || rc=1
+    step "$here/bench.py" "$@" || rc=1
 fi
 if [ -z "$no_proxy" ]; then
     if [ -z "${SKIP_MEMORY:-}" ]; then
-        python3 "$here/memory.py" ${QUICK:+--quick} || rc=1
+        step "$here/memory.py" ${QUICK:+--quick} || rc=1
     fi
     if [ -z "${SKIP_RELOAD:-}" ]; then
-        python3 "$here/reload.py" ${QUICK:+--quick} || rc=1
+        step "$here/reload.py" ${QUICK:+--quick} || rc=1
     fi
 fi
 if [ $rc -ne 0 ]; then

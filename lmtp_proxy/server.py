@@ -25,6 +25,7 @@ MAX_COMMAND_LINE = 4096
 MAX_PENDING_INPUT = 65536
 
 _PATH = re.compile(r"^(FROM|TO):\s*(<[^>]*>|[^\s<>]*)(.*)$", re.IGNORECASE | re.DOTALL)
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _XTEXT = re.compile(r"^[\x21-\x7e]*$")
 _NOTIFY = re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I)
 
@@ -88,6 +89,7 @@ class LMTPServer(protocol.Protocol):
         self._idleTimer = None
         self._dataError = None
         self._dataSize = 0
+        self._afterCRLF = True
         self.peer = "unknown"
 
     @property
@@ -160,6 +162,10 @@ class LMTPServer(protocol.Protocol):
                 if self._inData:
                     if not self._consumeData():
                         break
+                elif self._draining and self.transaction is None:
+                    # A graceful stop waits for the transaction in progress
+                    # only: pipelined commands must not begin another one.
+                    self._shutdownNow()
                 elif not self._consumeCommand():
                     break
         finally:
@@ -323,7 +329,11 @@ class LMTPServer(protocol.Protocol):
         for key, raw in parsed.params:
             if key == b"SIZE" and size and int(raw[5:]) > size:
                 return reply(552, "5.3.4 Message size exceeds fixed limit")
-        self._utf8 = any(key == b"SMTPUTF8" for key, _ in parsed.params)
+        utf8 = any(key == b"SMTPUTF8" for key, _ in parsed.params)
+        if not (utf8 or parsed.address.isascii()):
+            # _decodeUTF8 only looked for "SMTPUTF8" anywhere in the line.
+            return NOT_UTF8_ENABLED
+        self._utf8 = utf8
         self.transaction = self.delivery.begin(
             self.peer, _toBytes(parsed.address), parsed.params
         )
@@ -358,6 +368,7 @@ class LMTPServer(protocol.Protocol):
         self._inData = True
         self._dataError = None
         self._dataSize = 0
+        self._afterCRLF = True
         self._skipping = False
         return reply(354, "Start mail input; end with <CRLF>.<CRLF>")
 
@@ -374,8 +385,10 @@ class LMTPServer(protocol.Protocol):
         if self._skipping:
             end = buf.find(b"\n")
             if end < 0:
-                del buf[:]
+                # Keep the last byte: the CR of a CRLF split from its LF.
+                del buf[:-1]
                 return False
+            self._afterCRLF = buf[end - 1 : end] == b"\r"
             del buf[: end + 1]
             self._skipping = False
         last = buf.rfind(b"\n")
@@ -383,9 +396,11 @@ class LMTPServer(protocol.Protocol):
             if len(buf) > self.config.max_line_length:
                 self._refuseData(self._lineTooLong())
                 self._skipping = True
-                del buf[:]
+                del buf[:-1]
             return False
-        if buf.startswith(b".\r\n"):
+        # A dot line ends the message only after a CRLF: after a bare LF
+        # that ended the previous piece it is a smuggled end ("\n.\r\n").
+        if buf.startswith(b".\r\n") and self._afterCRLF:
             end = 0
         else:
             end = buf.find(b"\r\n.\r\n", 0, last + 1)
@@ -394,11 +409,12 @@ class LMTPServer(protocol.Protocol):
         if self._dataError is None and body:
             self._checkAndRelay(body)
         if end < 0:
+            self._afterCRLF = buf[last - 1 : last] == b"\r"
             del buf[: last + 1]
             if len(buf) > self.config.max_line_length:
                 self._refuseData(self._lineTooLong())
                 self._skipping = True
-                del buf[:]
+                del buf[:-1]
             return False
         del buf[: end + 3]
         self._endOfData()
@@ -457,7 +473,14 @@ class LMTPServer(protocol.Protocol):
         """
         try:
             for verdict in verdicts:
-                result = yield verdict
+                try:
+                    result = yield verdict
+                except Exception:
+                    # Each accepted recipient is owed exactly one reply: a
+                    # missing one would pair every later reply with the
+                    # wrong command.
+                    self.log.failure("final reply failed")
+                    result = INTERNAL_ERROR
                 self._send(result)
         finally:
             self._awaitingVerdicts = False
@@ -539,6 +562,10 @@ class LMTPServer(protocol.Protocol):
         params = []
         for token in match.group(3).split():
             key, _, value = token.partition("=")
+            if not _KEYWORD.match(key):
+                # Not an esmtp-keyword (RFC 5321 4.1.2): a syntax error, and
+                # str.upper() must not turn a non-ASCII one into "SIZE".
+                return reply(501, "5.5.4 Syntax error in parameters")
             key = key.upper()
             check = allowed.get(key)
             if check is None:
@@ -565,7 +592,8 @@ def _longestLineOver(body, limit):
 
 
 _MAIL_PARAMETERS = {
-    "SIZE": lambda v: v.isdigit(),
+    # str.isdigit() also accepts digits such as U+00B2 that int() refuses.
+    "SIZE": lambda v: v.isascii() and v.isdigit(),
     "BODY": lambda v: v.upper() in ("7BIT", "8BITMIME"),
     "SMTPUTF8": lambda v: v == "",
     "RET": lambda v: v.upper() in ("FULL", "HDRS"),

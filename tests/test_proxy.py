@@ -2,7 +2,12 @@
 The whole proxy over loopback sockets, with in-process fake backends.
 """
 
-from twisted.internet import defer
+import base64
+import os
+import tempfile
+
+from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.support import FakeBackend, Proxy, deadPort, transaction
@@ -34,3 +39,828 @@ class RoutingDeliveryTests(unittest.TestCase):
         self.assertIn("<z@a.test>", replies[9])
         self.assertEqual(a.messages, [b"Subject: test\r\n\r\nhello\r\n"])
         self.assertEqual(b.messages, [b"Subject: test\r\n\r\nhello\r\n"])
+
+
+USER = "proxyuser"
+PASSWORD = "s3cret-Pa55"
+PLAIN_TOKEN = base64.b64encode(b"\0" + USER.encode() + b"\0" + PASSWORD.encode())
+BODY = b"Subject: test\r\n\r\nhello\r\n"
+
+
+def mail(recipients, body=BODY, sender=b"s@example.test", mailParams=b"", rcptParams=b""):
+    """
+    The bytes of one pipelined MAIL transaction (no LHLO, no QUIT).
+    """
+    lines = [b"MAIL FROM:<" + sender + b">" + mailParams]
+    lines += [b"RCPT TO:<" + r + b">" + rcptParams for r in recipients]
+    lines.append(b"DATA")
+    return b"\r\n".join(lines) + b"\r\n" + body + b".\r\n"
+
+
+@defer.inlineCallbacks
+def exchange(client, data, count):
+    """
+    Send C{data} and fire with the last lines of the next C{count} replies.
+    """
+    start = len(client.replies)
+    client.send(data)
+    replies = yield client.waitReplies(start + count)
+    return replies[start:]
+
+
+@defer.inlineCallbacks
+def waitUntil(predicate, timeout=3.0):
+    """
+    Poll C{predicate} until it holds; fail after C{timeout} seconds.
+    """
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in %s seconds" % (timeout,))
+        yield task.deferLater(reactor, 0.01, lambda: None)
+
+
+def unixPath(testcase):
+    """
+    A fresh unix socket path, removed at cleanup.
+    """
+    path = tempfile.mktemp(prefix="lmtpp-", suffix=".sock", dir="/tmp")
+    testcase.addCleanup(lambda: os.path.exists(path) and os.unlink(path))
+    return path
+
+
+def twoBackends(testcase, settings=None, unix=False, **kw):
+    """
+    Backends C{a} (TCP) and C{b} (TCP, or a unix socket) behind a proxy
+    routing C{@a.test} and C{@b.test} to them.
+    """
+    a = FakeBackend(testcase, **kw)
+    b = FakeBackend(testcase, unix=unixPath(testcase) if unix else None, **kw)
+    proxy = Proxy(
+        testcase,
+        dict({"hostname": "proxy.test"}, **(settings or {})),
+        {"a": a.entry, "b": b.entry},
+        {"@a.test": "a", "@b.test": "b"},
+    )
+    return a, b, proxy
+
+
+class TransactionTests(unittest.TestCase):
+    """
+    How client transactions map onto backend transactions.
+    """
+
+    @defer.inlineCallbacks
+    def test_recipientsShareOneBackendTransaction(self):
+        """
+        All recipients of one backend go into one backend transaction: one
+        MAIL, one RCPT each, one DATA, one message.
+        """
+        a, b, proxy = twoBackends(self)
+        client = yield proxy.connect(self)
+        recipients = [b"x@a.test", b"y@b.test", b"z@a.test", b"w@a.test", b"v@b.test"]
+        replies = yield exchange(client, transaction(recipients), 1 + 1 + 5 + 1 + 5 + 1)
+        self.assertEqual([r[:3] for r in replies[-6:]], ["250"] * 5 + ["221"])
+        self.assertEqual(
+            a.verbs()[:6], [b"LHLO", b"MAIL", b"RCPT", b"RCPT", b"RCPT", b"DATA"]
+        )
+        self.assertEqual(b.verbs()[:5], [b"LHLO", b"MAIL", b"RCPT", b"RCPT", b"DATA"])
+        self.assertEqual((a.connections, b.connections), (1, 1))
+        self.assertEqual(a.messages, [BODY])
+        self.assertEqual(b.messages, [BODY])
+
+    @defer.inlineCallbacks
+    def test_severalTransactionsPerConnection(self):
+        """
+        One client connection can carry several transactions; each one
+        reaches its backends.
+        """
+        a, b, proxy = twoBackends(self)
+        client = yield proxy.connect(self)
+        yield exchange(client, b"LHLO client.test\r\n", 1)
+        for n in range(3):
+            body = b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n)
+            replies = yield exchange(client, mail([b"x@a.test", b"y@b.test"], body), 6)
+            self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "354", "250", "250"])
+        self.assertEqual(len(a.messages), 3)
+        self.assertEqual(b.messages[2], b"Subject: 2\r\n\r\nbody 2\r\n")
+
+    @defer.inlineCallbacks
+    def test_rsetEndsBackendTransaction(self):
+        """
+        RSET after RCPT ends the backend transaction without DATA; the next
+        transaction on the same connection is delivered normally.
+        """
+        a, b, proxy = twoBackends(self)
+        client = yield proxy.connect(self)
+        replies = yield exchange(
+            client, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRSET\r\n", 4
+        )
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "250"])
+        yield waitUntil(lambda: b"RSET" in a.verbs() or not a.open)
+        self.assertNotIn(b"DATA", a.verbs())
+        self.assertEqual(a.messages, [])
+        replies = yield exchange(client, mail([b"y@a.test"]), 4)
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "354", "250"])
+        self.assertEqual(a.messages, [BODY])
+
+    @defer.inlineCallbacks
+    def test_unixAndTcpBackendsInOneTransaction(self):
+        """
+        A TCP backend and a unix-socket backend serve one transaction, each
+        getting the message for its own recipients.
+        """
+        a, b, proxy = twoBackends(self, unix=True)
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@b.test", b"y@a.test"]), 8)
+        self.assertIn("<x@b.test>", replies[5])
+        self.assertIn("<y@a.test>", replies[6])
+        self.assertEqual(a.messages, [BODY])
+        self.assertEqual(b.messages, [BODY])
+        self.assertIn(b"RCPT TO:<x@b.test>", b.commands)
+
+
+class BackendFaultTests(unittest.TestCase):
+    """
+    A backend fault becomes a 4xx for that backend's recipients only.
+    """
+
+    @defer.inlineCallbacks
+    def test_deadBackend(self):
+        """
+        A backend nobody listens for gets its recipients 451 4.4.1 at RCPT;
+        the other backend's recipients are delivered.
+        """
+        b = FakeBackend(self)
+        proxy = Proxy(
+            self,
+            {"connect_timeout": 1},
+            {"a": {"host": "127.0.0.1", "port": deadPort()}, "b": b.entry},
+            {"@a.test": "a", "@b.test": "b"},
+        )
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
+        self.assertTrue(replies[2].startswith("451 4.4.1 "), replies[2])
+        self.assertEqual([r[:3] for r in replies[3:]], ["250", "354", "250", "221"])
+        self.assertEqual(b.messages, [BODY])
+
+    @defer.inlineCallbacks
+    def test_rcptHangs(self):
+        """
+        A backend that never answers RCPT gets its recipient 451 4.4.2 after
+        the command timeout; the session goes on.
+        """
+        a, b, proxy = twoBackends(self, {"command_timeout": 0.2})
+        a.actions["RCPT"] = "hang"
+        client = yield proxy.connect(self)
+        started = reactor.seconds()
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
+        self.assertGreaterEqual(reactor.seconds() - started, 0.2)
+        self.assertTrue(replies[2].startswith("451 4.4.2 "), replies[2])
+        self.assertEqual([r[:3] for r in replies[3:]], ["250", "354", "250", "221"])
+        self.assertEqual(b.messages, [BODY])
+        self.assertEqual(a.messages, [])
+
+    @defer.inlineCallbacks
+    def test_garbageReply(self):
+        """
+        A backend answering RCPT with garbage gets its recipient a 4xx.
+        """
+        a, b, proxy = twoBackends(self)
+        a.actions["RCPT"] = b"what is this\r\n"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
+        self.assertTrue(replies[2].startswith("451 4."), replies[2])
+        self.assertEqual([r[:3] for r in replies[3:]], ["250", "354", "250", "221"])
+        self.assertEqual(b.messages, [BODY])
+
+    @defer.inlineCallbacks
+    def test_closesAtData(self):
+        """
+        A backend that closes at DATA gets its recipients 451 4.4.2 after
+        the final dot; the other backend delivers.
+        """
+        a, b, proxy = twoBackends(self)
+        a.actions["DATA"] = "close"
+        client = yield proxy.connect(self)
+        replies = yield exchange(
+            client, transaction([b"x@a.test", b"y@b.test", b"z@a.test"]), 9
+        )
+        self.assertEqual([r[:3] for r in replies[:6]], ["250", "250", "250", "250", "250", "354"])
+        self.assertTrue(replies[6].startswith("451 4.4.2 "), replies[6])
+        self.assertTrue(replies[7].startswith("250 "), replies[7])
+        self.assertTrue(replies[8].startswith("451 4.4.2 "), replies[8])
+        self.assertEqual(a.messages, [])
+        self.assertEqual(b.messages, [BODY])
+
+    @defer.inlineCallbacks
+    def test_closesMidMessage(self):
+        """
+        A backend that closes while the message streams gets its recipients
+        451 4.4.2; the other backend delivers.
+        """
+        a, b, proxy = twoBackends(self)
+        a.dataAction = "close"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
+        self.assertTrue(replies[4].startswith("451 4.4.2 "), replies[4])
+        self.assertTrue(replies[5].startswith("250 "), replies[5])
+        self.assertEqual(a.messages, [])
+        self.assertEqual(b.messages, [BODY])
+
+    @defer.inlineCallbacks
+    def test_hangsAfterFinalDot(self):
+        """
+        A backend silent after the final dot gets its recipients 451 4.4.2
+        after the data timeout; the other backend's verdict is relayed.
+        """
+        a, b, proxy = twoBackends(self, {"data_timeout": 0.3})
+        a.dataAction = "hang"
+        client = yield proxy.connect(self)
+        started = reactor.seconds()
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
+        self.assertGreaterEqual(reactor.seconds() - started, 0.3)
+        self.assertTrue(replies[4].startswith("451 4.4.2 "), replies[4])
+        self.assertTrue(replies[5].startswith("250 "), replies[5])
+        self.assertEqual(replies[6][:3], "221")
+
+    @defer.inlineCallbacks
+    def test_rcpt451Relayed(self):
+        """
+        A backend's own 451 at RCPT reaches the client unchanged, for that
+        recipient only.
+        """
+        a, b, proxy = twoBackends(self)
+        a.rcptReplies[b"x@a.test"] = b"451 4.2.0 mailbox busy\r\n"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"z@a.test"]), 7)
+        self.assertEqual(replies[2], "451 4.2.0 mailbox busy")
+        self.assertEqual([r[:3] for r in replies[3:]], ["250", "354", "250", "221"])
+        self.assertIn("<z@a.test>", replies[5])
+        self.assertEqual(a.messages, [BODY])
+
+    @defer.inlineCallbacks
+    def test_dataRepliesRelayedPerRecipient(self):
+        """
+        Per-recipient replies after the final dot (a 452 for one, 250 for
+        another) are relayed each to its own recipient, in RCPT order.
+        """
+        a, b, proxy = twoBackends(self)
+        a.dataReplies[b"x@a.test"] = b"452 4.2.2 mailbox full\r\n"
+        client = yield proxy.connect(self)
+        replies = yield exchange(
+            client, transaction([b"x@a.test", b"y@b.test", b"z@a.test"]), 9
+        )
+        self.assertEqual(replies[6], "452 4.2.2 mailbox full")
+        self.assertIn("<y@b.test>", replies[7])
+        self.assertIn("<z@a.test>", replies[8])
+
+    @defer.inlineCallbacks
+    def test_noRcpt2xxBeforeBackend(self):
+        """
+        A recipient gets no reply until its backend answered its RCPT, and
+        then gets the backend's reply.
+        """
+        a, b, proxy = twoBackends(self)
+        a.actions["RCPT"] = "hang"
+        client = yield proxy.connect(self)
+        client.send(b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n")
+        yield waitUntil(lambda: b"RCPT" in a.verbs())
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(client.codes(), [220, 250, 250])
+        (backend,) = a.open
+        backend.transport.write(b"250 2.1.5 now\r\n")
+        replies = yield client.waitReplies(4)
+        self.assertEqual(replies[3], "250 2.1.5 now")
+
+    @defer.inlineCallbacks
+    def test_noData2xxBeforeBackend(self):
+        """
+        After the final dot no recipient gets a 2xx before its backend gave
+        one.
+        """
+        a, b, proxy = twoBackends(self)
+        a.dataAction = "hang"
+        client = yield proxy.connect(self)
+        client.send(transaction([b"x@a.test"], quit=False))
+        yield waitUntil(lambda: a.messages)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(client.codes(), [220, 250, 250, 250, 354])
+        (backend,) = a.open
+        backend.transport.write(b"250 2.0.0 stored at last\r\n")
+        replies = yield client.waitReplies(6)
+        self.assertEqual(replies[5], "250 2.0.0 stored at last")
+
+    @defer.inlineCallbacks
+    def test_sessionSurvivesBackendFault(self):
+        """
+        After a transaction a backend fault spoiled, the next transaction on
+        the same client connection is delivered.
+        """
+        a, b, proxy = twoBackends(self)
+        a.dataAction = "close"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test"], quit=False), 5)
+        self.assertTrue(replies[4].startswith("451 "), replies[4])
+        a.dataAction = None
+        replies = yield exchange(client, mail([b"x@a.test", b"y@b.test"]), 6)
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "354", "250", "250"])
+        self.assertEqual(a.messages, [BODY])
+        self.assertFalse(client.lost.called)
+
+
+class ClientAbortTests(unittest.TestCase):
+    """
+    A client that leaves mid-message delivers nothing anywhere.
+    """
+
+    @defer.inlineCallbacks
+    def test_disconnectMidMessage(self):
+        """
+        Every backend connection is dropped without a final dot: each
+        backend has the partial data as aborted and no message.
+        """
+        a, b, proxy = twoBackends(self, unix=True)
+        client = yield proxy.connect(self)
+        client.send(
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<y@b.test>\r\n"
+            b"DATA\r\nSubject: partial\r\n\r\nfirst line\r\n"
+        )
+
+        def streaming(backend):
+            return any(bytes(p.data).endswith(b"first line\r\n") for p in backend.open)
+
+        yield waitUntil(lambda: streaming(a) and streaming(b))
+        client.transport.abortConnection()
+        yield waitUntil(lambda: not a.open and not b.open)
+        self.assertEqual(a.aborted, [b"Subject: partial\r\n\r\nfirst line\r\n"])
+        self.assertEqual(b.aborted, [b"Subject: partial\r\n\r\nfirst line\r\n"])
+        self.assertEqual((a.messages, b.messages), ([], []))
+
+
+class ByteExactTests(unittest.TestCase):
+    """
+    Backends receive exactly the client's dot-stuffed bytes.
+    """
+
+    @defer.inlineCallbacks
+    def test_bytesUnchanged(self):
+        """
+        8-bit bytes, dot-stuffed lines, a bare CR mid-line and the header
+        order reach the backend as sent; nothing is added.
+        """
+        body = (
+            b"X-Last: 1\r\nReceived: from a\r\nFrom: \xc3\xa9l\xc3\xa8ve <e@x>\r\n"
+            b"Subject: caf\xe9 \xff\x80\r\n\r\n..leading dot, stuffed\r\n"
+            b"...two\r\nbare\rCR mid-line\r\n\x00nul and tab\t\r\n.\xe9\r\n"
+        )
+        a, b, proxy = twoBackends(self, unix=True)
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"], body), 8)
+        self.assertEqual([r[:3] for r in replies[5:]], ["250", "250", "221"])
+        self.assertEqual(a.messages, [body])
+        self.assertEqual(b.messages, [body])
+
+    @defer.inlineCallbacks
+    def test_noHeaderGuessing(self):
+        """
+        A message whose first line has no colon gets no blank line or
+        header inserted (unlike Twisted's SMTP server).
+        """
+        body = b"no colon on this first line\r\nsecond\r\n"
+        a, b, proxy = twoBackends(self)
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"], body), 6)
+        self.assertEqual(a.messages, [body])
+
+    @defer.inlineCallbacks
+    def test_emptyMessage(self):
+        """
+        An empty message (the final dot right after 354) arrives empty.
+        """
+        a, b, proxy = twoBackends(self)
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test"], b""), 6)
+        self.assertEqual(replies[5][:3], "250")
+        self.assertEqual(a.messages, [b""])
+
+    @defer.inlineCallbacks
+    def test_largeMessage(self):
+        """
+        A 5 MB message with dot-stuffed lines and 8-bit bytes reaches a TCP
+        and a unix-socket backend byte for byte.
+        """
+        line = bytes(range(0x21, 0x7F)) + bytes(range(0x80, 0x100))
+        lines = [b"Subject: big\r\n", b"\r\n"]
+        n = 0
+        while sum(map(len, lines)) < 5 * 1024 * 1024:
+            prefix = b".." if n % 7 == 0 else b""
+            lines.append(prefix + line[n % 50 :] + b"\r\n")
+            n += 1
+        body = b"".join(lines)
+        a, b, proxy = twoBackends(self, unix=True)
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"], body), 8)
+        self.assertEqual([r[:3] for r in replies[5:]], ["250", "250", "221"])
+        self.assertTrue(a.messages[0] == body, "message differs on a")
+        self.assertTrue(b.messages[0] == body, "message differs on b")
+
+
+class RefusedMessageTests(unittest.TestCase):
+    """
+    A message the proxy refuses gets one 5xx per recipient and is never
+    completed on any backend.
+    """
+
+    @defer.inlineCallbacks
+    def assertRefused(self, body, code, settings=None):
+        a, b, proxy = twoBackends(self, settings)
+        client = yield proxy.connect(self)
+        client.send(transaction([b"x@a.test", b"y@b.test"], body, quit=False))
+        replies = yield client.waitReplies(8)
+        self.assertEqual([r[:3] for r in replies[:6]], ["220", "250", "250", "250", "250", "354"])
+        self.assertEqual([r[:3] for r in replies[6:]], [code, code])
+        yield waitUntil(lambda: not a.open and not b.open)
+        self.assertEqual((a.messages, b.messages), ([], []))
+        self.assertNotIn(b"QUIT", a.verbs())
+        # The session goes on.
+        replies = yield exchange(client, b"NOOP\r\n", 1)
+        self.assertEqual(replies[0][:3], "250")
+
+    def test_smuggling(self):
+        """
+        A lone dot framed by bare LFs (SMTP smuggling) is refused with 554.
+        """
+        return self.assertRefused(
+            b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@x>\r\nmore\r\n", "554"
+        )
+
+    def test_bareLF(self):
+        """
+        A bare LF anywhere in the message is refused with 554.
+        """
+        return self.assertRefused(b"Subject: x\n\r\nhello\r\n", "554")
+
+    def test_dotFramedByBareCR(self):
+        """
+        A dot between CRs (CR.CR) is refused with 554.
+        """
+        return self.assertRefused(b"Subject: x\r\n\r\nhi\r.\rbye\r\n", "554")
+
+    def test_lineTooLong(self):
+        """
+        A line longer than max_line_length is refused with 554.
+        """
+        return self.assertRefused(
+            b"Subject: x\r\n\r\n" + b"y" * 5000 + b"\r\nend\r\n",
+            "554",
+            {"max_line_length": 1000},
+        )
+
+    def test_messageTooBig(self):
+        """
+        A message over max_message_size is refused with 552.
+        """
+        return self.assertRefused(
+            b"Subject: x\r\n\r\n" + (b"z" * 98 + b"\r\n") * 500,
+            "552",
+            {"max_message_size": 10000},
+        )
+
+
+class ParameterTests(unittest.TestCase):
+    """
+    MAIL and RCPT parameters reach a backend only with the extension that
+    defines them.
+    """
+
+    @defer.inlineCallbacks
+    def test_forwardedByExtension(self):
+        """
+        A backend offering SIZE, 8BITMIME, SMTPUTF8 and DSN gets every
+        parameter as sent; one offering none gets none; one offering SIZE
+        and 8BITMIME gets just those.
+        """
+        full = FakeBackend(self, extensions=("PIPELINING", "SIZE", "8BITMIME", "SMTPUTF8", "DSN"))
+        bare = FakeBackend(self, extensions=("PIPELINING",))
+        some = FakeBackend(self, unix=unixPath(self), extensions=("SIZE 100000", "8BITMIME"))
+        proxy = Proxy(
+            self,
+            {},
+            {"full": full.entry, "bare": bare.entry, "some": some.entry},
+            {"@full.test": "full", "@bare.test": "bare", "@some.test": "some"},
+        )
+        client = yield proxy.connect(self)
+        mailParams = b" SIZE=22 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ314159"
+        rcptParams = b" NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;orig@full.test"
+        data = b"LHLO c\r\n" + mail(
+            [b"x@full.test", b"y@bare.test", b"z@some.test"],
+            mailParams=mailParams,
+            rcptParams=rcptParams,
+        )
+        replies = yield exchange(client, data, 8)
+        self.assertEqual([r[:3] for r in replies], ["250"] * 5 + ["354", "250", "250"][:3])
+        yield waitUntil(lambda: len(some.messages) == 1)
+        self.assertIn(b"MAIL FROM:<s@example.test>" + mailParams, full.commands)
+        self.assertIn(b"RCPT TO:<x@full.test>" + rcptParams, full.commands)
+        self.assertIn(b"MAIL FROM:<s@example.test>", bare.commands)
+        self.assertIn(b"RCPT TO:<y@bare.test>", bare.commands)
+        self.assertIn(b"MAIL FROM:<s@example.test> SIZE=22 BODY=8BITMIME", some.commands)
+        self.assertIn(b"RCPT TO:<z@some.test>", some.commands)
+
+
+class RoutingTests(unittest.TestCase):
+    """
+    Routing outcomes as the client sees them.
+    """
+
+    def proxyWith(self, users, settings=None):
+        a = FakeBackend(self)
+        proxy = Proxy(self, settings or {}, {"a": a.entry}, users)
+        return a, proxy
+
+    @defer.inlineCallbacks
+    def test_rejectRow(self):
+        """
+        A recipient routed to C{reject} gets 451 4.2.1 at RCPT.
+        """
+        a, proxy = self.proxyWith({"bad@a.test": "reject", "@a.test": "a"})
+        client = yield proxy.connect(self)
+        replies = yield exchange(
+            client, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<bad@a.test>\r\n", 3
+        )
+        self.assertTrue(replies[2].startswith("451 4.2.1 "), replies[2])
+        self.assertEqual(a.connections, 0)
+
+    @defer.inlineCallbacks
+    def test_noRoute(self):
+        """
+        A recipient no row matches, without a fallback, gets 550 5.1.1.
+        """
+        a, proxy = self.proxyWith({"@a.test": "a"})
+        client = yield proxy.connect(self)
+        replies = yield exchange(
+            client, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<who@else.test>\r\n", 3
+        )
+        self.assertTrue(replies[2].startswith("550 5.1.1 "), replies[2])
+
+    @defer.inlineCallbacks
+    def test_fallback(self):
+        """
+        With a fallback backend an unknown recipient goes there.
+        """
+        a, proxy = self.proxyWith({}, {"fallback_backend": "a"})
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"who@else.test"]), 7)
+        self.assertEqual(replies[5][:3], "250")
+        self.assertIn(b"RCPT TO:<who@else.test>", a.commands)
+
+    @defer.inlineCallbacks
+    def test_detailIgnoredForLookupButForwarded(self):
+        """
+        C{bob+tag@a.test} routes by C{bob@a.test} and reaches the backend
+        with its +tag unchanged.
+        """
+        a, proxy = self.proxyWith({"bob@a.test": "a"})
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"bob+Tag.1@a.test"]), 7)
+        self.assertEqual(replies[5][:3], "250")
+        self.assertIn(b"RCPT TO:<bob+Tag.1@a.test>", a.commands)
+
+    @defer.inlineCallbacks
+    def test_caseInsensitiveLookup(self):
+        """
+        The lookup ignores case; the address is forwarded as written.
+        """
+        a, proxy = self.proxyWith({"bob@a.test": "a"})
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"BoB@A.Test"]), 7)
+        self.assertEqual(replies[5][:3], "250")
+        self.assertIn(b"RCPT TO:<BoB@A.Test>", a.commands)
+
+
+class AuthTests(unittest.TestCase):
+    """
+    Backends with credentials.
+    """
+
+    def captureLog(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def assertNoSecrets(self, events):
+        self.assertTrue(events)
+        for event in events:
+            for text in (formatEvent(event) or "", repr(event)):
+                self.assertNotIn(PASSWORD, text)
+                self.assertNotIn(PLAIN_TOKEN.decode(), text)
+
+    def authProxy(self, refuse=False):
+        a = FakeBackend(self, extensions=("PIPELINING", "AUTH PLAIN LOGIN"))
+        if refuse:
+            a.actions["AUTH"] = b"535 5.7.8 Authentication credentials invalid\r\n"
+        b = FakeBackend(self)
+        proxy = Proxy(
+            self,
+            {},
+            {"a": dict(a.entry, user=USER, password=PASSWORD), "b": b.entry},
+            {"@a.test": "a", "@b.test": "b"},
+        )
+        return a, b, proxy
+
+    @defer.inlineCallbacks
+    def test_authSentAndNotLogged(self):
+        """
+        The backend gets AUTH PLAIN before MAIL; the logs of the delivery
+        hold no credential.
+        """
+        events = self.captureLog()
+        a, b, proxy = self.authProxy()
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test"]), 7)
+        self.assertEqual(replies[5][:3], "250")
+        self.assertEqual(a.commands[:3], [b"LHLO " + proxy.config.hostname.encode(), b"AUTH PLAIN " + PLAIN_TOKEN, b"MAIL FROM:<s@example.test>"])
+        self.assertNoSecrets(events)
+
+    @defer.inlineCallbacks
+    def test_authRefused(self):
+        """
+        A backend refusing our credentials gets its recipients a 451 at
+        RCPT, the others are delivered, and no log event holds the password.
+        """
+        events = self.captureLog()
+        a, b, proxy = self.authProxy(refuse=True)
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
+        self.assertTrue(replies[2].startswith("451 4."), replies[2])
+        self.assertEqual([r[:3] for r in replies[3:]], ["250", "354", "250", "221"])
+        self.assertEqual(b.messages, [BODY])
+        self.assertNotIn(b"MAIL", a.verbs())
+        self.assertNoSecrets(events)
+
+
+class PoolTests(unittest.TestCase):
+    """
+    Backend connections reused when pool_size allows it.
+    """
+
+    @defer.inlineCallbacks
+    def test_reused(self):
+        """
+        With pool_size 1 a second transaction, even from another client
+        connection, reuses the backend connection.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 1})
+        for n in range(2):
+            client = yield proxy.connect(self)
+            replies = yield exchange(client, transaction([b"x@a.test"]), 7)
+            self.assertEqual(replies[5][:3], "250")
+        self.assertEqual(a.connections, 1)
+        self.assertEqual(a.verbs().count(b"LHLO"), 1)
+        self.assertEqual(len(a.messages), 2)
+        self.assertNotIn(b"QUIT", a.verbs())
+
+    @defer.inlineCallbacks
+    def test_closedWhileIdleReplaced(self):
+        """
+        A pooled connection the backend closed while idle is replaced by a
+        new one: the client sees no 4xx.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 1})
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"], quit=False), 6)
+        yield waitUntil(lambda: len(a.open) == 1)
+        for connection in list(a.open):
+            connection.transport.loseConnection()
+        yield waitUntil(lambda: not a.open)
+        replies = yield exchange(client, mail([b"x@a.test"]), 4)
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "354", "250"])
+        self.assertEqual(a.connections, 2)
+        self.assertEqual(len(a.messages), 2)
+
+    @defer.inlineCallbacks
+    def test_closedAtMailReplaced(self):
+        """
+        A pooled connection that turns out dead only when MAIL is sent on it
+        is replaced by a new one: the client sees no 4xx.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 1})
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"], quit=False), 6)
+        closed = []
+
+        def closeOnce(backend, line):
+            if closed:
+                backend.transport.write(b"250 2.1.0 Ok\r\n")
+            else:
+                closed.append(line)
+                backend.transport.loseConnection()
+
+        a.actions["MAIL"] = closeOnce
+        replies = yield exchange(client, mail([b"x@a.test"]), 4)
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "354", "250"])
+        self.assertEqual(closed, [b"MAIL FROM:<s@example.test>"])
+        self.assertEqual(a.connections, 2)
+        self.assertEqual(len(a.messages), 2)
+
+    @defer.inlineCallbacks
+    def test_noPoolQuits(self):
+        """
+        With pool_size 0 every backend transaction ends with QUIT and the
+        next one opens a new connection.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 0})
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"], quit=False), 6)
+        yield waitUntil(lambda: not a.open)
+        self.assertEqual(a.verbs()[-1], b"QUIT")
+        yield exchange(client, mail([b"x@a.test"]), 4)
+        yield waitUntil(lambda: not a.open)
+        self.assertEqual(a.connections, 2)
+        self.assertEqual(a.verbs().count(b"QUIT"), 2)
+
+    @defer.inlineCallbacks
+    def test_idleTimeoutQuits(self):
+        """
+        A pooled connection unused for pool_idle_timeout gets QUIT.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 1, "pool_idle_timeout": 0.2})
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"], quit=False), 6)
+        self.assertNotIn(b"QUIT", a.verbs())
+        yield waitUntil(lambda: not a.open)
+        self.assertEqual(a.verbs()[-1], b"QUIT")
+
+
+class BackpressureTests(unittest.TestCase):
+    """
+    A backend that stops reading slows the client down instead of filling
+    the proxy's memory, and is dropped when it stays stuck.
+    """
+
+    def countReads(self, proxy):
+        (session,) = proxy.factory.sessions
+        counted = [0]
+        original = session.dataReceived
+
+        def dataReceived(data):
+            counted[0] += len(data)
+            original(data)
+
+        session.dataReceived = dataReceived
+        return session, counted
+
+    @defer.inlineCallbacks
+    def test_stuckBackendPausesClientThenDropped(self):
+        """
+        While a backend does not read, the proxy stops reading the client
+        (it holds far less than the message); once the backend has been
+        stuck for command_timeout, its recipient gets 451 4.4.2 and the
+        other backend still gets the whole message.
+        """
+        size = 16 * 1024 * 1024
+        body = b"Subject: big\r\n\r\n" + (b"x" * 1022 + b"\r\n") * (size // 1024)
+        stuck = FakeBackend(self, unix=unixPath(self))
+        stuck.dataAction = "pause"
+        good = FakeBackend(self)
+        proxy = Proxy(
+            self,
+            {"command_timeout": 1.0},
+            {"stuck": stuck.entry, "good": good.entry},
+            {"@stuck.test": "stuck", "@good.test": "good"},
+        )
+        client = yield proxy.connect(self)
+        session, counted = self.countReads(proxy)
+        client.send(transaction([b"x@stuck.test", b"y@good.test"], body, quit=False))
+        yield waitUntil(lambda: session.transport not in reactor.getReaders())
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertNotIn(session.transport, reactor.getReaders())
+        self.assertLess(counted[0], size // 4)
+        replies = yield client.waitReplies(8)
+        self.assertTrue(replies[6].startswith("451 4.4.2 "), replies[6])
+        self.assertTrue(replies[7].startswith("250 "), replies[7])
+        self.assertEqual(good.messages, [body])
+        self.assertEqual(stuck.messages, [])
+
+    @defer.inlineCallbacks
+    def test_slowBackendCatchesUp(self):
+        """
+        A backend that pauses for less than command_timeout and then reads
+        on gets the whole message; nobody gets a 4xx.
+        """
+        body = b"Subject: big\r\n\r\n" + (b"y" * 1022 + b"\r\n") * 8192
+        slow = FakeBackend(self, unix=unixPath(self))
+        slow.dataAction = "pause"
+        proxy = Proxy(self, {"command_timeout": 2.0}, {"slow": slow.entry}, {"@slow.test": "slow"})
+        client = yield proxy.connect(self)
+        session, counted = self.countReads(proxy)
+        client.send(transaction([b"x@slow.test"], body, quit=False))
+        yield waitUntil(lambda: session.transport not in reactor.getReaders())
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        (backend,) = slow.open
+        backend.transport.resumeProducing()
+        replies = yield client.waitReplies(6)
+        self.assertEqual(replies[5][:3], "250")
+        self.assertEqual(slow.messages, [body])

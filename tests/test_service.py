@@ -66,6 +66,18 @@ class RunningProxy:
         return connectClient(self.testcase, self.port)
 
 
+@defer.inlineCallbacks
+def waitUntil(condition, seconds=30):
+    """
+    Poll C{condition} until it holds; fail the test after C{seconds}.
+    """
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError("condition not met in %s s" % (seconds,))
+
+
 def control(address, request):
     """
     Send one control request from a thread-free blocking socket in a
@@ -205,10 +217,7 @@ class ReloadTests(unittest.TestCase):
         proxy = RunningProxy(self, backends, {"alice@x.test": "a"})
         proxy.write(backends, {"alice@x.test": "b"})
         os.kill(os.getpid(), signal.SIGUSR1)
-        for _ in range(300):
-            if proxy.service.state.generation == 2:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield waitUntil(lambda: proxy.service.state.generation == 2)
         self.assertEqual(proxy.service.state.table.route("alice", "x.test").backend, "b")
         self.assertEqual(called, [signal.SIGUSR1])
 
@@ -230,10 +239,10 @@ class BarrierTests(unittest.TestCase):
         client = yield proxy.connect()
         client.send(b"LHLO c\r\nMAIL FROM:<s@y>\r\nRCPT TO:<one@x.test>\r\n")
         yield client.waitReplies(4)
-        answer = control(controlAddress(proxy.service.state.config), "reload-wait 20")
-        yield task.deferLater(reactor, 0.5, lambda: None)
+        answer = control(controlAddress(proxy.service.state.config), "reload-wait 60")
+        yield waitUntil(lambda: proxy.service.state.generation == 2)
+        yield task.deferLater(reactor, 0.2, lambda: None)
         self.assertFalse(answer.called)
-        self.assertEqual(proxy.service.state.generation, 2)
         client.send(b"DATA\r\nhi\r\n.\r\n")
         yield client.waitReplies(6)
         reply = yield answer
@@ -347,10 +356,7 @@ class StopTests(unittest.TestCase):
         replies = yield client.waitReplies(6)
         self.assertTrue(replies[5].startswith("421 4.3.2"), replies)
         yield client.lost
-        for _ in range(50):
-            if a.aborted:
-                break
-            yield task.deferLater(reactor, 0.02, lambda: None)
+        yield waitUntil(lambda: a.aborted)
         self.assertEqual(a.messages, [])
         self.assertEqual(a.aborted, [b"Subject: half\r\n"])
 
