@@ -11,7 +11,7 @@ import stat
 import time
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, unix
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -102,9 +102,9 @@ class ProxyService(service.Service):
         if not control.startswith("\0"):
             _removeStaleSocket(control)
         try:
-            self._listeners.append(
-                self.reactor.listenUNIX(control, ControlFactory(self), mode=0o600)
-            )
+            port = _ControlPort(control, ControlFactory(self), mode=0o600, reactor=self.reactor)
+            port.startListening()
+            self._listeners.append(port)
         except Exception as e:
             self.log.warn(
                 "control socket unavailable ({error}); "
@@ -210,6 +210,17 @@ class ProxyService(service.Service):
             return failure
 
         return loading.addCallbacks(loaded, refused)
+
+
+class _ControlPort(unix.Port):
+    """
+    The control socket's listener. Twisted logs the raw socket name when a
+    unix port closes, and an abstract name begins with a NUL byte, which
+    would turn the log file into a binary file for grep.
+    """
+
+    def _logConnectionLostMsg(self):
+        pass
 
 
 def _removeStaleSocket(path):

@@ -23,14 +23,12 @@ The peers are installed by ``tools/install-peers.sh``. When one is missing a
 test is skipped (naming the Debian package), or fails when ``CI=true``.
 """
 
-import errno
 import os
 import pwd
 import shutil
 import signal
 import smtplib
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -258,13 +256,6 @@ def _tail(path, limit=4000):
     return data[-limit:].decode("utf-8", "replace")
 
 
-def _chownTree(path, uid, gid):
-    os.chown(path, uid, gid)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            os.chown(os.path.join(root, name), uid, gid)
-
-
 # ---------------------------------------------------------------------------
 # LMTP client (raw socket; reads one reply per recipient after the dot)
 
@@ -475,7 +466,7 @@ class DovecotBackend(object):
         requirePeer(*DOVECOT_COMMANDS)
         self.user = ensureHarnessUser()
         self.name = name
-        self.dir = os.path.join(tempDir(testcase, "lmtpe2e-%s-" % (name,)))
+        self.dir = tempDir(testcase, "lmtpe2e-%s-" % (name,))
         if tcp and port is None:
             port = freePort()
         if port is None and socket is None:
@@ -691,6 +682,11 @@ class SmtpSink(object):
         waitFor(up, 10, what="smtp-sink to listen")
         if socket is not None:
             os.chmod(socket, 0o666)
+        # the readiness probe above is a session too: wait until smtp-sink
+        # has counted it, so sessionsEnded() counts only real clients
+        waitFor(lambda: self.counters().get("sess", 0) >= 1, 5,
+                what="smtp-sink to count the probe session")
+        self._probeSessions = self.counters()["sess"]
 
     @staticmethod
     def tempfailRcpt(reply="451 4.3.0 e2e tempfail at RCPT"):
@@ -719,13 +715,42 @@ class SmtpSink(object):
         own X-Client-*/X-Mail-Args/X-Rcpt-Args/Received headers, then the
         message as received (lines end in LF), then an empty line.
         """
-        paths = [os.path.join(self.dumpDir, n) for n in os.listdir(self.dumpDir)]
-        paths.sort(key=lambda p: (os.stat(p).st_mtime_ns, p))
-        out = []
-        for p in paths:
-            with open(p, "rb") as f:
-                out.append(f.read())
-        return out
+        found = []
+        for n in os.listdir(self.dumpDir):
+            p = os.path.join(self.dumpDir, n)
+            try:
+                with open(p, "rb") as f:
+                    found.append((os.fstat(f.fileno()).st_mtime_ns, n, f.read()))
+            except FileNotFoundError:
+                pass  # a cut-off transaction's dump, removed just now
+        return [data for mtime, n, data in sorted(found)]
+
+    def waitDumps(self, count, timeout=10):
+        """
+        Wait until smtp-sink has counted `count` complete messages and
+        `count` dump files exist whose contents have stopped changing
+        (smtp-sink may still be writing a dump when its reply is out), then
+        return them.
+        """
+        last = [None]
+
+        def ready():
+            if self.messagesReceived() < count:
+                return False
+            dumps = self.dumps()
+            if len(dumps) != count or not all(d.endswith(b"\n\n") for d in dumps):
+                return False
+            if dumps != last[0]:
+                last[0] = dumps
+                return False
+            return dumps
+        try:
+            return waitFor(ready, timeout, interval=0.1,
+                           what="%d complete smtp-sink dump(s)" % (count,))
+        except FailTest as e:
+            raise FailTest("%s; counters %r, %d dump(s): %r" % (
+                e, self.counters(), len(self.dumps()),
+                [d[:200] for d in self.dumps()]))
 
     @staticmethod
     def parseDump(dump):
@@ -767,6 +792,10 @@ class SmtpSink(object):
         """
         The last running counters line (-c), parsed: e.g.
         {"sess": 1, "quit": 1, "mesg": 1}. Empty dict before the first.
+        "sess" includes the fixture's own readiness probe (see
+        sessionsEnded); a session still open is not counted yet, and its
+        dump file (which smtp-sink removes if the transaction is cut off)
+        may exist until it ends.
         """
         text = _tail(self.outPath, limit=10 ** 6)
         last = {}
@@ -778,6 +807,14 @@ class SmtpSink(object):
                 except ValueError:
                     pass
         return last
+
+    def sessionsEnded(self):
+        """Sessions that ended since start-up, not counting our probe."""
+        return self.counters().get("sess", 0) - self._probeSessions
+
+    def messagesReceived(self):
+        """Messages completed with the final dot (the 'mesg' counter)."""
+        return self.counters().get("mesg", 0)
 
     def output(self):
         return _tail(self.outPath, limit=10 ** 6)
@@ -872,11 +909,17 @@ class Proxy(object):
 
         def up():
             if self.process.poll() is not None:
+                output = _tail(self.outPath)
+                hint = ""
+                if "Unknown command: lmtp-proxy" in output:
+                    hint = ("\nhint: the lmtp-proxy twistd plugin is not "
+                            "installed next to %s (pip install . into that "
+                            "venv; not pip install -e)" % (sys.executable,))
                 raise FailTest(
                     "proxy exited with %s before listening.\ncommand: %s\n"
-                    "output: %s\nlog: %s" % (
+                    "output: %s\nlog: %s%s" % (
                         self.process.returncode, " ".join(self.command),
-                        _tail(self.outPath), _tail(self.logPath)))
+                        output, _tail(self.logPath), hint))
             return canConnect(self.target)
         try:
             waitFor(up, startTimeout, what="the proxy to listen on %r" % (self.target,))

@@ -96,6 +96,9 @@ class FakeBackendProtocol(LineReceiver):
 
     def rawDataReceived(self, data):
         backend = self.factory
+        # Only the new bytes (and the 4 before them) can complete the end
+        # marker; searching the whole message each time is quadratic.
+        start = max(0, len(self.data) - 4)
         self.data += data
         if backend.dataAction == "close":
             self.transport.loseConnection()
@@ -103,7 +106,7 @@ class FakeBackendProtocol(LineReceiver):
         if self.data.startswith(b".\r\n"):
             end = 0
         else:
-            end = self.data.find(b"\r\n.\r\n")
+            end = self.data.find(b"\r\n.\r\n", start)
             if end < 0:
                 return
             end += 2

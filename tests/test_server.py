@@ -939,7 +939,7 @@ class SmugglingTests(unittest.TestCase):
         A too-long line ended by a bare LF, then ".\\r\\n" in the next read:
         not the end of the message either.
         """
-        self.check(b"y" * 1500, lambda data: [data[:1200], data[1200:1500] + b"\n", data[1500:]])
+        self.check(b"y" * 1500 + b"\n.\r\n", lambda data: [data[:1200], data[1200:1501], data[1501:]])
 
     def test_afterRelayedLines(self):
         """
