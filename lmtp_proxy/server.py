@@ -147,7 +147,7 @@ class LMTPServer(protocol.Protocol):
         if self._awaitingVerdicts or self._closed:
             return
         if self.transaction is not None:
-            self.transaction.abort()
+            self.transaction.abort("the proxy stopped before the end of the message")
             self.transaction = None
         self._shutdownNow()
 
@@ -471,21 +471,17 @@ class LMTPServer(protocol.Protocol):
         One reply per accepted recipient, in RCPT order, each sent as soon as
         it and every earlier one are known.
         """
-        try:
-            for verdict in verdicts:
-                try:
-                    result = yield verdict
-                except Exception:
-                    # Each accepted recipient is owed exactly one reply: a
-                    # missing one would pair every later reply with the
-                    # wrong command.
-                    self.log.failure("final reply failed")
-                    result = INTERNAL_ERROR
-                self._send(result)
-        finally:
-            self._awaitingVerdicts = False
-            if self._closed:
-                self._closeIfIdle()
+        for verdict in verdicts:
+            try:
+                result = yield verdict
+            except Exception:
+                # Each accepted recipient is owed exactly one reply: a
+                # missing one would pair every later reply with the
+                # wrong command.
+                self.log.failure("final reply failed")
+                result = INTERNAL_ERROR
+            self._send(result)
+        self._awaitingVerdicts = False
 
     # flow control, timeouts, closing
 
@@ -517,7 +513,7 @@ class LMTPServer(protocol.Protocol):
     def _idleTimedOut(self):
         self._idleTimer = None
         if self.transaction is not None:
-            self.transaction.abort()
+            self.transaction.abort("the client was idle for too long")
             self.transaction = None
         self._send(reply(421, "4.4.2 %s Error: timeout exceeded" % (self.config.hostname,)))
         self._close()

@@ -114,7 +114,7 @@ class StubTransaction:
         self.failed.append(result)
         return [result] * len(self.accepted)
 
-    def abort(self):
+    def abort(self, why=None):
         self.aborted += 1
 
     def reset(self):
