@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.error import ConnectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -178,6 +179,11 @@ class LMTPClient(LineOnlyReceiver):
         """
         Start waiting for the greeting.
         """
+        if ITCPTransport.providedBy(self.transport):
+            # Commands and message pieces go out as soon as they are known;
+            # Nagle would hold back each one behind the previous segment's
+            # ACK.
+            self.transport.setTcpNoDelay(True)
         self.greeting = self._expect(self._commandTimeout).deferred
 
     def connectionLost(self, reason=ConnectionDone):

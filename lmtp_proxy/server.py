@@ -15,6 +15,7 @@ import re
 
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 
 from lmtp_proxy.client import Reply, reply
@@ -107,6 +108,11 @@ class LMTPServer(protocol.Protocol):
             self.peer = "%s:%d" % (peer.host, peer.port)
         else:
             self.peer = "unix"
+        if ITCPTransport.providedBy(self.transport):
+            # Replies to one pipelined group can leave in several writes
+            # (one per backend verdict); Nagle would hold each later one
+            # back until the client's delayed ACK.
+            self.transport.setTcpNoDelay(True)
         self._send(reply(220, "%s LMTP lmtp-proxy ready" % (self.config.hostname,)))
         self._armIdleTimer()
 

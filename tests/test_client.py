@@ -5,6 +5,7 @@ transport with a fake clock, and over real sockets to a L{FakeBackend}.
 
 import base64
 import os
+import socket
 import tempfile
 
 from twisted.internet import defer, reactor, task
@@ -685,6 +686,17 @@ class ConnectBackendTests(unittest.TestCase):
         self.assertTrue(client.pipelining)
         self.assertIn("8BITMIME", client.extensions)
         self.assertEqual(fake.commands, [b"LHLO proxy.test"])
+
+    @defer.inlineCallbacks
+    def test_tcpNoDelay(self):
+        """
+        Nagle's algorithm is off on backend connections, so a command is
+        never held back behind an unacknowledged segment.
+        """
+        fake = FakeBackend(self)
+        client = yield self.connect(Backend(name="a", **fake.entry))
+        handle = client.transport.getHandle()
+        self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @defer.inlineCallbacks
     def test_unixSocket(self):

@@ -4,6 +4,7 @@ The whole proxy over loopback sockets, with in-process fake backends.
 
 import base64
 import os
+import socket
 import tempfile
 
 from twisted.internet import defer, reactor, task
@@ -194,6 +195,19 @@ class TransactionTests(unittest.TestCase):
         self.assertEqual(b.messages, [BODY])
         self.assertIn(b"RCPT TO:<x@b.test>", b.commands)
 
+
+    @defer.inlineCallbacks
+    def test_clientConnectionNoDelay(self):
+        """
+        Nagle's algorithm is off towards the client: the per-recipient
+        replies after the final dot leave as each verdict arrives instead of
+        waiting for the client's delayed ACK.
+        """
+        a, b, proxy = twoBackends(self)
+        yield proxy.connect(self)
+        [session] = proxy.factory.sessions
+        handle = session.transport.getHandle()
+        self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @defer.inlineCallbacks
     def test_firstRcptPipelinedWithMail(self):
