@@ -168,6 +168,7 @@ class LMTPClient(LineOnlyReceiver):
         self._inFlight = 0
         self._lines = []
         self._timer = None
+        self._deadline = None
         self._failure = None
         self.extensions = {}
         self.pipelining = False
@@ -331,17 +332,31 @@ class LMTPClient(LineOnlyReceiver):
             self.sendLine(self._unsent.popleft())
 
     def _armTimer(self):
-        if self._timer is not None and self._timer.active():
+        """
+        Move the reply deadline to a full timeout from now. The timer itself
+        moves only when it fires early or would fire too late: moving it on
+        every reply line would cost a cancel and an insert each time.
+        """
+        if not self._waiters or self._failure is not None:
+            self._deadline = None
+            return
+        timeout = self._waiters[0].timeout
+        self._deadline = self._clock.seconds() + timeout
+        if self._timer is not None and self._timer.getTime() > self._deadline:
             self._timer.cancel()
-        self._timer = None
-        if self._waiters and self._failure is None:
-            self._timer = self._clock.callLater(
-                self._waiters[0].timeout, self._timedOut
-            )
+            self._timer = None
+        if self._timer is None:
+            self._timer = self._clock.callLater(timeout, self._checkDeadline)
 
-    def _timedOut(self):
+    def _checkDeadline(self):
         self._timer = None
-        self._fail(BackendTimeout("no reply in time"))
+        if self._deadline is None:
+            return
+        remaining = self._deadline - self._clock.seconds()
+        if remaining > 0:
+            self._timer = self._clock.callLater(remaining, self._checkDeadline)
+        else:
+            self._fail(BackendTimeout("no reply in time"))
 
     def _fail(self, error):
         if self._failure is None:

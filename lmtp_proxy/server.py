@@ -88,6 +88,7 @@ class LMTPServer(protocol.Protocol):
         self._skipping = False
         self._pauses = set()
         self._idleTimer = None
+        self._idleDeadline = 0
         self._dataError = None
         self._dataSize = 0
         self._afterCRLF = True
@@ -249,7 +250,6 @@ class LMTPServer(protocol.Protocol):
 
     def _wait(self, deferred):
         self._busy = True
-        self._cancelIdleTimer()
         deferred.addErrback(self._internalError)
         deferred.addCallback(self._waited)
 
@@ -494,7 +494,6 @@ class LMTPServer(protocol.Protocol):
     def _pause(self, reason):
         if not self._pauses and not self._closed:
             self.transport.pauseProducing()
-            self._cancelIdleTimer()
         self._pauses.add(reason)
 
     def _resume(self, reason):
@@ -505,19 +504,38 @@ class LMTPServer(protocol.Protocol):
                 self._armIdleTimer()
 
     def _armIdleTimer(self):
-        self._cancelIdleTimer()
-        if not (self._busy or self._pauses or self._closed):
-            self._idleTimer = self.clock.callLater(
-                self.config.idle_timeout, self._idleTimedOut
-            )
+        """
+        Count the idle time from now. The timer is not moved on every
+        command (that costs a timer cancel and insert each time); it checks
+        the deadline when it fires.
+        """
+        idle = self.config.idle_timeout
+        self._idleDeadline = self.clock.seconds() + idle
+        if self._idleTimer is None and not self._closed:
+            self._idleTimer = self.clock.callLater(idle, self._checkIdle)
 
     def _cancelIdleTimer(self):
         if self._idleTimer is not None and self._idleTimer.active():
             self._idleTimer.cancel()
         self._idleTimer = None
 
-    def _idleTimedOut(self):
+    def _checkIdle(self):
         self._idleTimer = None
+        if self._closed:
+            return
+        idle = self.config.idle_timeout
+        if self._busy or self._pauses:
+            # Waiting for backends, or held back by one: the client owes us
+            # nothing yet. The count starts again when the wait ends.
+            self._idleTimer = self.clock.callLater(idle, self._checkIdle)
+            return
+        remaining = self._idleDeadline - self.clock.seconds()
+        if remaining > 0:
+            self._idleTimer = self.clock.callLater(remaining, self._checkIdle)
+            return
+        self._idleTimedOut()
+
+    def _idleTimedOut(self):
         if self.transaction is not None:
             self.transaction.abort("the client was idle for too long")
             self.transaction = None

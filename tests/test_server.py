@@ -1620,10 +1620,12 @@ class PitfallRegressionTests(ReplyAssertions, unittest.TestCase):
         s = Session(auto=False)
         self.assertEqual(len(s.clock.getDelayedCalls()), 1)
         self.assertFalse(
-            any(call.func == s.server._idleTimedOut for call in reactor.getDelayedCalls())
+            any(call.func == s.server._checkIdle for call in reactor.getDelayedCalls())
         )
         s.send(b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@a.test>\r\n")
-        self.assertEqual(s.clock.getDelayedCalls(), [])
+        s.clock.advance(IDLE * 10)
+        self.assertTrue(s.transport.connected)
+        self.assertNotIn(421, s.codes())
 
     def test_pitfall15_parametersKept(self):
         """
