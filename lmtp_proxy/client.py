@@ -16,7 +16,13 @@ from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.abstract import isIPAddress as isIPv4Address, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.error import ConnectionDone
 from twisted.protocols.basic import LineOnlyReceiver
@@ -395,7 +401,16 @@ def connectBackend(reactor, backend, hostname, connectTimeout, commandTimeout):
     """
     if backend.socket:
         endpoint = UNIXClientEndpoint(reactor, backend.socket, timeout=connectTimeout)
+    elif isIPv4Address(backend.host):
+        endpoint = TCP4ClientEndpoint(
+            reactor, backend.host, backend.port, timeout=connectTimeout
+        )
+    elif isIPv6Address(backend.host):
+        endpoint = TCP6ClientEndpoint(
+            reactor, backend.host, backend.port, timeout=connectTimeout
+        )
     else:
+        # Only a name needs the resolver, which runs in a thread.
         endpoint = HostnameEndpoint(
             reactor, backend.host, backend.port, timeout=connectTimeout
         )

@@ -699,6 +699,32 @@ class ConnectBackendTests(unittest.TestCase):
         self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @defer.inlineCallbacks
+    def test_hostName(self):
+        """
+        A backend named by host name (not an address) is resolved and
+        reached.
+        """
+        fake = FakeBackend(self)
+        client = yield self.connect(Backend(name="a", host="localhost", port=fake.entry["port"]))
+        self.assertEqual(fake.commands, [b"LHLO proxy.test"])
+        self.assertTrue(client.usable)
+
+    @defer.inlineCallbacks
+    def test_ipv6Literal(self):
+        """
+        A backend at an IPv6 address literal is reached directly.
+        """
+        fake = FakeBackend(self)
+        try:
+            port = reactor.listenTCP(0, fake, interface="::1")
+        except Exception as e:
+            raise unittest.SkipTest("no IPv6 loopback here: %s" % (e,))
+        self.addCleanup(port.stopListening)
+        client = yield self.connect(Backend(name="a", host="::1", port=port.getHost().port))
+        self.assertEqual(fake.commands, [b"LHLO proxy.test"])
+        self.assertTrue(client.usable)
+
+    @defer.inlineCallbacks
     def test_unixSocket(self):
         """
         Over a unix socket the same handshake happens.

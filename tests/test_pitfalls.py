@@ -73,7 +73,7 @@ import tempfile
 from collections import deque
 
 from twisted.internet import defer, reactor, task
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -830,8 +830,8 @@ class TwistdPitfallTests(unittest.TestCase):
         with open(path, "wb") as f:
             f.write(b"precious\n")
         svc = self._unixService(path)
-        self.assertRaises(Exception, svc.privilegedStartService)
-        self.addCleanup(lambda: svc._listeners and svc.stopService())
+        self.assertRaises(CannotListenError, svc.privilegedStartService)
+        self.addCleanup(svc.stopService)
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"precious\n")
 
