@@ -19,6 +19,7 @@ with --method cli).  Reported per reload:
 """
 
 import argparse
+import glob
 import os
 import re
 import shutil
@@ -130,6 +131,39 @@ def probe(port, sinks, target, timeout=60.0, every=0.02):
     return None
 
 
+def log_position(path):
+    try:
+        st = os.stat(path)
+        return (st.st_ino, st.st_size)
+    except FileNotFoundError:
+        return (None, 0)
+
+
+def read_log_since(path, pos):
+    """Log text written since log_position(); copes with twistd's log
+    rotation (proxy.log -> proxy.log.1 at 1 MB)."""
+    ino, size = pos
+    text = ""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return text
+    if st.st_ino != ino or st.st_size < size:
+        for old in sorted(glob.glob(path + ".*")):
+            try:
+                if os.stat(old).st_ino == ino:
+                    with open(old, errors="replace") as f:
+                        f.seek(size)
+                        text += f.read()
+            except OSError:
+                pass
+        size = 0
+    with open(path, errors="replace") as f:
+        f.seek(size)
+        text += f.read()
+    return text
+
+
 RELOAD_RE = re.compile(r"(?<![@.\w])reload(?:ed|ing)?\b(?!\.test)", re.I)
 DUR_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|sec|seconds)\b")
 
@@ -202,7 +236,7 @@ def main():
         flip = 1 - flip
         target = B if flip else A
         time.sleep(2.0)
-        logpos = os.path.getsize(proxy.logfile) if os.path.exists(proxy.logfile) else 0
+        logpos = log_position(proxy.logfile)
         write_atomic(proxy.config, texts[flip])
         t_sig = time.perf_counter()
         cli_note = ""
@@ -219,9 +253,7 @@ def main():
         t_end = time.perf_counter()
         gap, rtt, nrep = ticker.window(t_sig, t_end)
         bgap, _, _ = ticker.window(t_sig - 2.0, t_sig)
-        with open(proxy.logfile, errors="replace") as f:
-            f.seek(logpos)
-            logtext = f.read()
+        logtext = read_log_since(proxy.logfile, logpos)
         lines = [ln.strip() for ln in logtext.splitlines() if RELOAD_RE.search(ln)]
         durs = []
         for ln in lines:

@@ -12,6 +12,7 @@ import time
 
 from twisted.application import service
 from twisted.internet import defer, unix
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -83,20 +84,28 @@ class ProxyService(service.Service):
         Bind the sockets while still root, and set the unix socket's owner.
         """
         listen = self.state.config
-        if isinstance(listen.socket, str):
-            _removeStaleSocket(listen.socket)
-            port = self.reactor.listenUNIX(
-                listen.socket,
-                self.factory,
-                mode=0o666 if listen.permissions is None else listen.permissions,
-                wantPID=True,
+        try:
+            if isinstance(listen.socket, str):
+                # The connect probe, not a lock file, decides whether a
+                # socket is stale: a lock left by a dead proxy, or naming a
+                # reused PID, would delete a live socket or refuse a dead one.
+                _removeStaleSocket(listen.socket)
+                port = self.reactor.listenUNIX(
+                    listen.socket,
+                    self.factory,
+                    mode=0o666 if listen.permissions is None else listen.permissions,
+                )
+                uid, gid = _socketOwner(listen)
+                if (uid, gid) != (-1, -1):
+                    os.chown(listen.socket, uid, gid)
+            else:
+                host, number = listen.socket
+                port = self.reactor.listenTCP(number, self.factory, interface=host)
+        except CannotListenError as e:
+            # Before the reactor runs, twistd would print a traceback.
+            raise SystemExit(
+                "lmtp-proxy: cannot listen on %s: %s" % (_describeListen(listen.socket), e.socketError)
             )
-            uid, gid = _socketOwner(listen)
-            if (uid, gid) != (-1, -1):
-                os.chown(listen.socket, uid, gid)
-        else:
-            host, number = listen.socket
-            port = self.reactor.listenTCP(number, self.factory, interface=host)
         self._listeners.append(port)
         control = self.controlAddress
         if not control.startswith("\0"):
@@ -221,6 +230,12 @@ class _ControlPort(unix.Port):
 
     def _logConnectionLostMsg(self):
         pass
+
+
+def _describeListen(address):
+    if isinstance(address, str):
+        return address
+    return "[%s]:%d" % address if ":" in address[0] else "%s:%d" % address
 
 
 def _removeStaleSocket(path):

@@ -14,7 +14,6 @@ import sys
 import tempfile
 
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
@@ -195,7 +194,7 @@ class UnixListenerTests(unittest.TestCase):
     def test_liveSocketKept(self):
         """
         A socket something is listening on is not removed: startup fails
-        with L{CannotListenError} naming the path, and the other listener
+        with a one-line SystemExit naming the path, and the other listener
         still accepts connections on it.
         """
         path = socketPath(self)
@@ -207,7 +206,7 @@ class UnixListenerTests(unittest.TestCase):
         svc = proxyservice.ProxyService(
             configuration.load(writeConfig(self, unixListen(path))), reactor
         )
-        error = self.assertRaises(CannotListenError, svc.privilegedStartService)
+        error = self.assertRaises(SystemExit, svc.privilegedStartService)
         self.addCleanup(svc.stopService)
         self.assertIn(path, str(error))
         self.assertIn("in use", str(error))
@@ -262,10 +261,7 @@ class UnixListenerTests(unittest.TestCase):
         svc = proxyservice.ProxyService(
             configuration.load(writeConfig(self, unixListen(path))), reactor
         )
-        try:
-            svc.privilegedStartService()
-        except Exception:
-            pass
+        self.assertRaises(SystemExit, svc.privilegedStartService)
         self.addCleanup(svc.stopService)
         self.assertTrue(os.path.lexists(path), "live socket removed")
         self.assertEqual(os.stat(path).st_ino, inode)
@@ -302,7 +298,7 @@ class UnixListenerTests(unittest.TestCase):
         svc = proxyservice.ProxyService(
             configuration.load(writeConfig(self, unixListen(path))), reactor
         )
-        self.assertRaises(CannotListenError, svc.privilegedStartService)
+        self.assertRaises(SystemExit, svc.privilegedStartService)
         self.addCleanup(svc.stopService)
         self.assertTrue(stat.S_ISREG(os.lstat(path).st_mode))
         with open(path, "rb") as f:
@@ -320,7 +316,7 @@ class UnixListenerTests(unittest.TestCase):
         svc = proxyservice.ProxyService(
             configuration.load(writeConfig(self, unixListen(path))), reactor
         )
-        self.assertRaises(CannotListenError, svc.privilegedStartService)
+        self.assertRaises(SystemExit, svc.privilegedStartService)
         self.addCleanup(svc.stopService)
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"not a socket\n")
@@ -335,7 +331,7 @@ class UnixListenerTests(unittest.TestCase):
         svc = proxyservice.ProxyService(
             configuration.load(writeConfig(self, unixListen(path))), reactor
         )
-        self.assertRaises(CannotListenError, svc.privilegedStartService)
+        self.assertRaises(SystemExit, svc.privilegedStartService)
         self.addCleanup(svc.stopService)
         self.assertTrue(os.path.isdir(path))
 
@@ -443,7 +439,7 @@ class TCPListenerTests(unittest.TestCase):
 
     def test_portInUse(self):
         """
-        A TCP port already taken fails startup with L{CannotListenError}.
+        A TCP port already taken fails startup with a one-line SystemExit.
         """
         taken = socket.socket()
         self.addCleanup(taken.close)
@@ -454,5 +450,5 @@ class TCPListenerTests(unittest.TestCase):
             configuration.load(writeConfig(self, "  socket: [127.0.0.1, %d]\n" % (port,))),
             reactor,
         )
-        self.assertRaises(CannotListenError, svc.privilegedStartService)
+        self.assertRaises(SystemExit, svc.privilegedStartService)
         self.addCleanup(svc.stopService)

@@ -73,7 +73,7 @@ import tempfile
 from collections import deque
 
 from twisted.internet import defer, reactor, task
-from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -830,7 +830,7 @@ class TwistdPitfallTests(unittest.TestCase):
         with open(path, "wb") as f:
             f.write(b"precious\n")
         svc = self._unixService(path)
-        self.assertRaises(CannotListenError, svc.privilegedStartService)
+        self.assertRaises(SystemExit, svc.privilegedStartService)
         self.addCleanup(svc.stopService)
         with open(path, "rb") as f:
             self.assertEqual(f.read(), b"precious\n")
