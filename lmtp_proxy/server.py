@@ -281,13 +281,17 @@ class LMTPServer(protocol.Protocol):
         self._resetTransaction()
         self._greeted = True
         size = self.config.max_message_size
+        # DSN is not offered: for a recipient whose backend lacks it, the
+        # NOTIFY parameter has to be dropped, and an MTA that saw DSN offered
+        # would then leave the success notice it asked for to nobody. DSN
+        # parameters a client sends anyway are still passed on where the
+        # backend offers DSN.
         extensions = [
             "PIPELINING",
             "ENHANCEDSTATUSCODES",
             "8BITMIME",
             "SIZE %d" % (size,) if size else "SIZE",
             "SMTPUTF8",
-            "DSN",
         ]
         return Reply(250, (self.config.hostname,) + tuple(extensions))
 

@@ -256,6 +256,15 @@ class GreetingAndSimpleCommandTests(ReplyAssertions, unittest.TestCase):
         for keyword in (b"PIPELINING", b"ENHANCEDSTATUSCODES", b"8BITMIME", b"SIZE"):
             self.assertIn(keyword, keywords)
 
+    def test_lhloNoDSN(self):
+        """
+        DSN is not offered: the proxy cannot promise it for every backend.
+        """
+        s = Session()
+        s.send(b"LHLO client.test\r\n")
+        keywords = [line[4:] for line in s.replies()[1][1:]]
+        self.assertNotIn(b"DSN", keywords)
+
     def test_lhloSizeLimit(self):
         """
         With max_message_size set, LHLO offers C{SIZE <n>}.
