@@ -120,7 +120,7 @@ class Config:
     max_line_length: int = 65536
     shutdown_grace: float = 30.0
     control_socket: str | None = None
-    pool_size: int = 0
+    pool_size: int = 4
     pool_idle_timeout: float = 60.0
     backends: Mapping[str, Backend] = field(default_factory=lambda: MappingProxyType({}))
     users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)

@@ -164,7 +164,7 @@ class DefaultsTests(unittest.TestCase):
              c.connect_timeout, c.command_timeout, c.data_timeout, c.idle_timeout, c.max_message_size,
              c.max_line_length, c.shutdown_grace, c.control_socket, c.pool_size, c.pool_idle_timeout,
              dict(c.backends), dict(c.users)),
-            (None, None, None, False, None, "+", 10.0, 60.0, 300.0, 300.0, 0, 65536, 30.0, None, 0, 60.0, {}, {}),
+            (None, None, None, False, None, "+", 10.0, 60.0, 300.0, 300.0, 0, 65536, 30.0, None, 4, 60.0, {}, {}),
         )
 
     def test_hostnameDefault(self):
