@@ -3,13 +3,18 @@ Test fixtures: a scriptable in-process LMTP backend, the proxy on loopback,
 and a raw LMTP client that collects replies.
 """
 
+import base64
+import os
 import re
+import tempfile
 
 import yaml
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import LineReceiver
 
 from lmtp_proxy import config as configuration
+from lmtp_proxy.client import LMTPClient
 from lmtp_proxy.delivery import Delivery
 from lmtp_proxy.pool import BackendPool
 from lmtp_proxy.server import LMTPServerFactory
@@ -297,3 +302,67 @@ def transaction(recipients, body=b"Subject: test\r\n\r\nhello\r\n", sender=b"s@e
     if quit:
         data += b"QUIT\r\n"
     return data
+
+
+@defer.inlineCallbacks
+def waitUntil(predicate, timeout=10.0):
+    """
+    Poll C{predicate} until it holds; fail after C{timeout} seconds.
+    """
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in %s seconds" % (timeout,))
+        yield task.deferLater(reactor, 0.01, lambda: None)
+
+
+def unixPath(testcase):
+    """
+    A short fresh unix socket path under /tmp; it and a C{.lock} beside it
+    are removed at cleanup.
+    """
+    path = tempfile.mktemp(prefix="lmtpt-", suffix=".sock", dir="/tmp")
+
+    def clean():
+        for p in (path, path + ".lock"):
+            if os.path.lexists(p):
+                os.unlink(p)
+
+    testcase.addCleanup(clean)
+    return path
+
+
+USER = "proxyuser"
+PASSWORD = "s3cret-Pa55"
+PLAIN_TOKEN = base64.b64encode(b"\0" + USER.encode() + b"\0" + PASSWORD.encode())
+
+
+def makeClient(timeout=5.0):
+    """
+    An L{LMTPClient} connected to a L{StringTransport}, with its clock.
+    """
+    clock = task.Clock()
+    client = LMTPClient(clock, timeout)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    return client, transport, clock
+
+
+def handshaken(extensions=(b"PIPELINING",), timeout=5.0, user=None, password=None):
+    """
+    A client past greeting and LHLO (and AUTH when credentials are given:
+    the caller answers it); returns the client, transport, clock and the
+    handshake's L{Deferred}.
+    """
+    client, transport, clock = makeClient(timeout)
+    d = client.handshake("proxy.test", user, password)
+    client.dataReceived(b"220 backend.test LMTP ready\r\n")
+    transport.clear()
+    lines = [b"backend.test"] + list(extensions)
+    client.dataReceived(
+        b"".join(
+            b"250%s%s\r\n" % (b" " if i == len(lines) - 1 else b"-", line)
+            for i, line in enumerate(lines)
+        )
+    )
+    return client, transport, clock, d

@@ -10,7 +10,6 @@ import tempfile
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -27,42 +26,16 @@ from lmtp_proxy.client import (
     reply,
 )
 from lmtp_proxy.config import Backend
-from tests.support import FakeBackend, deadPort
+from tests.support import (
+    PASSWORD,
+    PLAIN_TOKEN,
+    USER,
+    FakeBackend,
+    deadPort,
+    handshaken,
+    makeClient,
+)
 
-USER = "proxyuser"
-PASSWORD = "s3cret-Pa55"
-PLAIN_TOKEN = base64.b64encode(b"\0" + USER.encode() + b"\0" + PASSWORD.encode())
-
-
-def makeClient(timeout=5.0):
-    """
-    An L{LMTPClient} connected to a L{StringTransport}, with its clock.
-    """
-    clock = task.Clock()
-    client = LMTPClient(clock, timeout)
-    transport = StringTransport()
-    client.makeConnection(transport)
-    return client, transport, clock
-
-
-def handshaken(extensions=(b"PIPELINING",), timeout=5.0, user=None, password=None):
-    """
-    A client past greeting and LHLO (and AUTH when credentials are given:
-    the caller answers it); returns the client, transport, clock and the
-    handshake's L{Deferred}.
-    """
-    client, transport, clock = makeClient(timeout)
-    d = client.handshake("proxy.test", user, password)
-    client.dataReceived(b"220 backend.test LMTP ready\r\n")
-    transport.clear()
-    lines = [b"backend.test"] + list(extensions)
-    client.dataReceived(
-        b"".join(
-            b"250%s%s\r\n" % (b" " if i == len(lines) - 1 else b"-", line)
-            for i, line in enumerate(lines)
-        )
-    )
-    return client, transport, clock, d
 
 
 def failureOf(testcase, d, kind):

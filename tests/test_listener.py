@@ -11,34 +11,17 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
 from lmtp_proxy import service as proxyservice
-from tests.support import LMTPTestClient, connectClient, deadPort
+from tests.support import LMTPTestClient, connectClient, deadPort, unixPath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWNER = "nobody"
 GROUP = "nogroup"
-
-
-def socketPath(testcase):
-    """
-    A short fresh path under /tmp for a unix socket; it and Twisted's
-    C{.lock} beside it are removed at cleanup.
-    """
-    path = tempfile.mktemp(prefix="lmtpl-", suffix=".sock", dir="/tmp")
-
-    def clean():
-        for p in (path, path + ".lock"):
-            if os.path.lexists(p):
-                os.unlink(p)
-
-    testcase.addCleanup(clean)
-    return path
 
 
 def writeConfig(testcase, listen):
@@ -108,7 +91,7 @@ class UnixListenerTests(unittest.TestCase):
         C{privilegedStartService} creates a unix socket at the configured
         path that greets an LMTP client with 220.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         startService(self, unixListen(path))
         self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
         client = yield connectClient(self, path)
@@ -118,7 +101,7 @@ class UnixListenerTests(unittest.TestCase):
         """
         C{permissions: 0660} gives the socket mode 0660.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         startService(self, unixListen(path, "  permissions: 0660\n"))
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o660)
 
@@ -127,7 +110,7 @@ class UnixListenerTests(unittest.TestCase):
         C{permissions: 0600} gives the socket mode 0600 (the setting is
         applied, not a fixed default).
         """
-        path = socketPath(self)
+        path = unixPath(self)
         startService(self, unixListen(path, "  permissions: 0600\n"))
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
 
@@ -136,7 +119,7 @@ class UnixListenerTests(unittest.TestCase):
         A restrictive umask (twistd sets 077 when daemonizing) does not
         narrow the configured mode.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         old = os.umask(0o077)
         try:
             startService(self, unixListen(path, "  permissions: 0660\n"))
@@ -149,7 +132,7 @@ class UnixListenerTests(unittest.TestCase):
         C{owner} and C{group} names are applied to the socket.
         """
         requireRoot()
-        path = socketPath(self)
+        path = unixPath(self)
         startService(self, unixListen(path, "  owner: %s\n  group: %s\n" % (OWNER, GROUP)))
         st = os.stat(path)
         self.assertEqual(st.st_uid, pwd.getpwnam(OWNER).pw_uid)
@@ -160,7 +143,7 @@ class UnixListenerTests(unittest.TestCase):
         A numeric C{owner} is used as the uid; the group is left alone.
         """
         requireRoot()
-        path = socketPath(self)
+        path = unixPath(self)
         uid = pwd.getpwnam(OWNER).pw_uid
         startService(self, unixListen(path, "  owner: %d\n" % (uid,)))
         st = os.stat(path)
@@ -172,7 +155,7 @@ class UnixListenerTests(unittest.TestCase):
         C{group} alone changes the group and leaves the owner root.
         """
         requireRoot()
-        path = socketPath(self)
+        path = unixPath(self)
         startService(self, unixListen(path, "  group: %s\n" % (GROUP,)))
         st = os.stat(path)
         self.assertEqual(st.st_uid, os.getuid())
@@ -184,7 +167,7 @@ class UnixListenerTests(unittest.TestCase):
         A socket file left by a dead process is removed and replaced by a
         socket that answers.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         staleSocket(path)
         self.assertFalse(canConnect(path))
         startService(self, unixListen(path))
@@ -197,7 +180,7 @@ class UnixListenerTests(unittest.TestCase):
         with a one-line SystemExit naming the path, and the other listener
         still accepts connections on it.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(live.close)
         live.bind(path)
@@ -222,7 +205,7 @@ class UnixListenerTests(unittest.TestCase):
         stops startup with a clear message (the path and "in use", no
         traceback), and the other listener keeps its socket.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(live.close)
         live.bind(path)
@@ -250,7 +233,7 @@ class UnixListenerTests(unittest.TestCase):
         (left by a proxy that died) sits beside it: startup fails and the
         other listener keeps its socket.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(live.close)
         live.bind(path)
@@ -276,7 +259,7 @@ class UnixListenerTests(unittest.TestCase):
         reuse after a crash or reboot): the socket is provably dead, so
         startup must not fail.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         staleSocket(path)
         os.symlink("1", path + ".lock")  # init: alive, not a proxy
         svc = proxyservice.ProxyService(
@@ -292,7 +275,7 @@ class UnixListenerTests(unittest.TestCase):
         A regular file at the socket path is never deleted or changed;
         startup fails.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         with open(path, "wb") as f:
             f.write(b"not a socket\n")
         svc = proxyservice.ProxyService(
@@ -309,7 +292,7 @@ class UnixListenerTests(unittest.TestCase):
         A regular file at the socket path survives even with a stale lock
         beside it (Twisted's wantPID cleanup only removes sockets).
         """
-        path = socketPath(self)
+        path = unixPath(self)
         with open(path, "wb") as f:
             f.write(b"not a socket\n")
         os.symlink(str(2**22 + 1), path + ".lock")
@@ -325,7 +308,7 @@ class UnixListenerTests(unittest.TestCase):
         """
         A directory at the socket path is left alone; startup fails.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         os.mkdir(path)
         self.addCleanup(os.rmdir, path)
         svc = proxyservice.ProxyService(
@@ -340,7 +323,7 @@ class UnixListenerTests(unittest.TestCase):
         """
         Stopping the service removes its socket file.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         svc = proxyservice.ProxyService(
             configuration.load(writeConfig(self, unixListen(path))), reactor
         )
@@ -355,7 +338,7 @@ class UnixListenerTests(unittest.TestCase):
         raise C{SystemExit} with one line naming that user, before anything
         is bound.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         cfg = writeConfig(self, unixListen(path, "  owner: no-such-user-lmtpx\n"))
         error = self.assertRaises(SystemExit, proxyservice.makeService, {"config": cfg})
         self.assertIsInstance(error.code, str)
@@ -369,7 +352,7 @@ class UnixListenerTests(unittest.TestCase):
         A config naming a group that does not exist makes C{makeService}
         raise C{SystemExit} with one line naming that group.
         """
-        path = socketPath(self)
+        path = unixPath(self)
         cfg = writeConfig(self, unixListen(path, "  group: no-such-group-lmtpx\n"))
         error = self.assertRaises(SystemExit, proxyservice.makeService, {"config": cfg})
         self.assertEqual(error.code.splitlines(), [error.code])

@@ -63,7 +63,6 @@ twistd
 """
 
 import ast
-import base64
 import os
 import signal
 import socket
@@ -87,39 +86,25 @@ from lmtp_proxy.client import (
     BackendTimeout,
     LMTPClient,
 )
-from tests.support import FakeBackend, Proxy, connectClient, deadPort, transaction
+from tests.support import (
+    PASSWORD,
+    PLAIN_TOKEN,
+    USER,
+    FakeBackend,
+    Proxy,
+    connectClient,
+    deadPort,
+    handshaken,
+    transaction,
+    unixPath,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(ROOT, "twisted", "plugins", "lmtp_proxy_plugin.py")
 
-USER = "proxyuser"
-PASSWORD = "s3cret-Pa55"
-PLAIN_TOKEN = base64.b64encode(b"\0" + USER.encode() + b"\0" + PASSWORD.encode())
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def handshaken(extensions=(b"PIPELINING",), timeout=5.0, user=None, password=None):
-    """
-    An L{LMTPClient} on a L{StringTransport} past greeting and LHLO; returns
-    the client, its transport, its clock and the handshake's L{Deferred}.
-    """
-    clock = task.Clock()
-    client = LMTPClient(clock, timeout)
-    transport = StringTransport()
-    client.makeConnection(transport)
-    d = client.handshake("proxy.test", user, password)
-    client.dataReceived(b"220 backend.test LMTP ready\r\n")
-    transport.clear()
-    lines = [b"backend.test"] + list(extensions)
-    client.dataReceived(
-        b"".join(
-            b"250%s%s\r\n" % (b" " if i == len(lines) - 1 else b"-", line)
-            for i, line in enumerate(lines)
-        )
-    )
-    return client, transport, clock, d
 
 
 def containsBytes(value, needle, seen=None):
@@ -149,18 +134,6 @@ def containsBytes(value, needle, seen=None):
             containsBytes(a, needle, seen) for a in value.args
         ) or containsBytes(getattr(value, "__dict__", {}), needle, seen)
     return False
-
-
-@defer.inlineCallbacks
-def waitUntil(predicate, timeout=10.0):
-    """
-    Poll C{predicate} until it holds; fail after C{timeout} seconds.
-    """
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in %s seconds" % (timeout,))
-        yield task.deferLater(reactor, 0.01, lambda: None)
 
 
 def oneBackendProxy(testcase, **backendArgs):
@@ -207,22 +180,6 @@ class FakeSignalReactor(task.Clock):
 
     def callFromThread(self, f, *args, **kwargs):
         self.fromThread.append((f, args, kwargs))
-
-
-def unixPath(testcase):
-    """
-    A short fresh unix socket path under /tmp, removed (with its lock) at
-    cleanup.
-    """
-    path = tempfile.mktemp(prefix="lmtpk-", suffix=".sock", dir="/tmp")
-
-    def clean():
-        for p in (path, path + ".lock"):
-            if os.path.lexists(p):
-                os.unlink(p)
-
-    testcase.addCleanup(clean)
-    return path
 
 
 # -- client side ----------------------------------------------------------------

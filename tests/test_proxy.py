@@ -2,16 +2,23 @@
 The whole proxy over loopback sockets, with in-process fake backends.
 """
 
-import base64
-import os
 import socket
-import tempfile
 
 from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from tests.support import FakeBackend, Proxy, deadPort, transaction
+from tests.support import (
+    PASSWORD,
+    PLAIN_TOKEN,
+    USER,
+    FakeBackend,
+    Proxy,
+    deadPort,
+    transaction,
+    unixPath,
+    waitUntil,
+)
 
 
 class RoutingDeliveryTests(unittest.TestCase):
@@ -42,9 +49,6 @@ class RoutingDeliveryTests(unittest.TestCase):
         self.assertEqual(b.messages, [b"Subject: test\r\n\r\nhello\r\n"])
 
 
-USER = "proxyuser"
-PASSWORD = "s3cret-Pa55"
-PLAIN_TOKEN = base64.b64encode(b"\0" + USER.encode() + b"\0" + PASSWORD.encode())
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 
 
@@ -67,27 +71,6 @@ def exchange(client, data, count):
     client.send(data)
     replies = yield client.waitReplies(start + count)
     return replies[start:]
-
-
-@defer.inlineCallbacks
-def waitUntil(predicate, timeout=3.0):
-    """
-    Poll C{predicate} until it holds; fail after C{timeout} seconds.
-    """
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in %s seconds" % (timeout,))
-        yield task.deferLater(reactor, 0.01, lambda: None)
-
-
-def unixPath(testcase):
-    """
-    A fresh unix socket path, removed at cleanup.
-    """
-    path = tempfile.mktemp(prefix="lmtpp-", suffix=".sock", dir="/tmp")
-    testcase.addCleanup(lambda: os.path.exists(path) and os.unlink(path))
-    return path
 
 
 def twoBackends(testcase, settings=None, unix=False, **kw):

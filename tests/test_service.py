@@ -15,7 +15,7 @@ from lmtp_proxy import config as configuration
 from lmtp_proxy.control import controlAddress
 from lmtp_proxy.service import ProxyService
 from lmtp_proxy.state import DrainTimeout
-from tests.support import FakeBackend, connectClient, deadPort
+from tests.support import FakeBackend, connectClient, deadPort, waitUntil
 
 
 def captureLog(testcase):
@@ -64,18 +64,6 @@ class RunningProxy:
 
     def connect(self):
         return connectClient(self.testcase, self.port)
-
-
-@defer.inlineCallbacks
-def waitUntil(condition, seconds=30):
-    """
-    Poll C{condition} until it holds; fail the test after C{seconds}.
-    """
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        yield task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not met in %s s" % (seconds,))
 
 
 def control(address, request):
