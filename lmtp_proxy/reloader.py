@@ -114,6 +114,8 @@ def main(argv):
     Print the checked configuration of C{argv[0]} as JSON, or its error on
     standard error with exit status 2.
     """
+    # Parsing a large table takes seconds of CPU that serving needs more.
+    os.nice(10)
     try:
         loaded = configuration.load(argv[0])
     except configuration.ConfigError as e:
