@@ -122,6 +122,7 @@ class Config:
     control_socket: str | None = None
     pool_size: int = 4
     pool_idle_timeout: float = 60.0
+    workers: int = 1
     backends: Mapping[str, Backend] = field(default_factory=lambda: MappingProxyType({}))
     users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
@@ -374,6 +375,10 @@ class _Parser:
                 value = self.integer(vnode, p, minimum=MIN_LINE_LENGTH)
                 if value is not None:
                     out[key] = value
+            elif key == "workers":
+                value = self.integer(vnode, p, minimum=1)
+                if value is not None:
+                    out[key] = value
         return out
 
     def listenSocket(self, node: Node, path: str) -> str | tuple[str, int]:
@@ -498,6 +503,7 @@ _CONFIG_KEYS = (
     "max_line_length",
     "control_socket",
     "pool_size",
+    "workers",
 )
 _BACKEND_KEYS = ("socket", "host", "port", "user", "password")
 
@@ -530,9 +536,10 @@ def load(path: str) -> Config:
     return parse(text, str(path))
 
 
-_LISTENER = ("socket", "owner", "group", "permissions")
+# Settings a running proxy cannot change: they take effect on a restart.
+RESTART_KEYS = ("socket", "owner", "group", "permissions", "workers")
 _OTHER = tuple(
-    n for n in Config.__dataclass_fields__ if n not in (*_LISTENER, "source", "backends", "users")
+    n for n in Config.__dataclass_fields__ if n not in (*RESTART_KEYS, "source", "backends", "users")
 )
 
 
@@ -559,7 +566,7 @@ def describeChanges(old: Config, new: Config) -> str:
     settings = [n for n in _OTHER if getattr(old, n) != getattr(new, n)]
     if settings:
         parts.append("settings changed: " + ", ".join(settings))
-    listener = [n for n in _LISTENER if getattr(old, n) != getattr(new, n)]
-    if listener:
-        parts.append(f"listener change needs a restart ({', '.join(listener)})")
+    restart = [n for n in RESTART_KEYS if getattr(old, n) != getattr(new, n)]
+    if restart:
+        parts.append(f"needs a restart to change: {', '.join(restart)}")
     return "; ".join(parts)

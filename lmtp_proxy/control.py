@@ -74,7 +74,7 @@ class ControlProtocol(LineOnlyReceiver):
 
             def wait(result):
                 generation, _ = result
-                return service.state.whenDrained(generation, service.reactor, timeout)
+                return service.whenDrained(generation, timeout)
 
             service.reload().addCallback(wait).addCallbacks(
                 lambda generation: self._answer(

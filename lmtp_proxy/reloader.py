@@ -65,28 +65,57 @@ class ChildConfigError(configuration.ConfigError):
         return self.problem
 
 
-def _build(output, old):
-    lines = output.splitlines()
-    new = fromPlain(json.loads(lines[0]), dict(json.loads(line) for line in lines[1:]))
-    return new, RoutingTable.fromConfig(new), configuration.describeChanges(old, new)
-
-
-def reloadConfig(reactor, old):
+def serialize(loaded):
     """
-    Load C{old.source} again.
+    The bytes that describe a checked configuration: a line of settings,
+    then a line per user. Worker processes get their configuration this way
+    too.
+    """
+    lines = [json.dumps(toPlain(loaded))]
+    lines.extend(json.dumps(item) for item in loaded.users.items())
+    return ("\n".join(lines) + "\n").encode("utf-8")
 
-    @return: a L{Deferred} firing with C{(config, table, summary)}, or
-        failing with L{configuration.ConfigError}.
+
+def deserialize(data):
+    """
+    The L{configuration.Config} and L{RoutingTable} that L{serialize} wrote.
+    Decoded line by line, so a thread doing it never holds the GIL for long.
+    """
+    lines = data.splitlines()
+    new = fromPlain(json.loads(lines[0]), dict(json.loads(line) for line in lines[1:]))
+    return new, RoutingTable.fromConfig(new)
+
+
+def _build(output, old):
+    new, table = deserialize(output)
+    return new, table, configuration.describeChanges(old, new), output
+
+
+def childEnvironment():
+    """
+    The environment for a child Python that must import this same
+    C{lmtp_proxy}.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(lmtp_proxy.__file__)))]
         + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
+    return env
+
+
+def reloadConfig(reactor, old):
+    """
+    Load C{old.source} again.
+
+    @return: a L{Deferred} firing with C{(config, table, summary, data)},
+        C{data} being the L{serialize}d configuration, or failing with
+        L{configuration.ConfigError}.
+    """
     child = utils.getProcessOutputAndValue(
         sys.executable,
         ["-m", "lmtp_proxy.reloader", old.source],
-        env=env,
+        env=childEnvironment(),
         reactor=reactor,
     )
 
@@ -121,9 +150,7 @@ def main(argv):
     except configuration.ConfigError as e:
         sys.stderr.write("%s\n" % (e,))
         return 2
-    out = sys.stdout
-    out.write(json.dumps(toPlain(loaded)) + "\n")
-    out.writelines(json.dumps(item) + "\n" for item in loaded.users.items())
+    sys.stdout.buffer.write(serialize(loaded))
     return 0
 
 

@@ -636,6 +636,7 @@ class LMTPServerFactory(protocol.Factory):
     """
 
     noisy = False
+    log = Logger()
 
     def __init__(self, delivery):
         self.delivery = delivery
@@ -664,6 +665,33 @@ class LMTPServerFactory(protocol.Factory):
         waiter = defer.Deferred()
         self._allGone.append(waiter)
         return waiter
+
+    def drain(self, grace):
+        """
+        Let every session finish its transaction, closing it with 421
+        afterwards; after C{grace} seconds, close the ones still before the
+        final dot (nothing is delivered for them).
+
+        @return: a L{Deferred} that fires when no session is left.
+        """
+        sessions = list(self.sessions)
+        if sessions:
+            self.log.info(
+                "stopping: {count} session(s) open, {grace} s grace period",
+                count=len(sessions),
+                grace=grace,
+            )
+        for session in sessions:
+            session.beginShutdown()
+
+        def graceOver():
+            for session in list(self.sessions):
+                session.forceShutdown()
+
+        timer = self.delivery.reactor.callLater(grace, graceOver)
+        gone = self.whenAllGone()
+        gone.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        return gone
 
 
 class _TrackedServer(LMTPServer):

@@ -20,12 +20,12 @@ from lmtp_proxy import config as configuration
 from lmtp_proxy.control import ControlFactory, controlAddress
 from lmtp_proxy.delivery import Delivery
 from lmtp_proxy.pool import BackendPool
-from lmtp_proxy.reloader import reloadConfig
+from lmtp_proxy.reloader import reloadConfig, serialize
 from lmtp_proxy.server import LMTPServerFactory
-from lmtp_proxy.state import ProxyState
+from lmtp_proxy.state import DrainTimeout, ProxyState
+from lmtp_proxy.workers import Workers, listenFamily
 
 DEFAULT_CONFIG = "/etc/lmtp-proxy.yaml"
-_LISTENER_KEYS = ("socket", "owner", "group", "permissions")
 
 
 class Options(usage.Options):
@@ -76,6 +76,7 @@ class ProxyService(service.Service):
         self._listeners = []
         self._previousSIGUSR1 = None
         self._reloadLock = defer.DeferredLock()
+        self.workers = None
 
     # IService
 
@@ -124,9 +125,18 @@ class ProxyService(service.Service):
 
     def startService(self):
         """
-        Own SIGUSR1, chaining to twistd's log rotation when it installed one.
+        Start the worker processes, if configured. Own SIGUSR1, chaining to
+        twistd's log rotation when it installed one.
         """
         service.Service.startService(self)
+        config = self.state.config
+        if config.workers > 1:
+            self.workers = Workers(
+                self.reactor, config.workers, self._listeners[0], listenFamily(config.socket)
+            )
+            self.workers.start(serialize(config), self.state.generation).addCallback(
+                lambda _: self.log.info("{count} worker process(es) serving", count=config.workers - 1)
+            )
         self._previousSIGUSR1 = signal.signal(signal.SIGUSR1, self._sigusr1)
         self.log.info(
             "lmtp-proxy listening on {socket}, {users} users, backends: {backends}",
@@ -151,24 +161,34 @@ class ProxyService(service.Service):
         listeners, self._listeners = self._listeners, []
         stopped = [defer.maybeDeferred(port.stopListening) for port in listeners]
         grace = self.state.config.shutdown_grace
-        sessions = list(self.factory.sessions)
-        if sessions:
-            self.log.info(
-                "stopping: {count} session(s) open, {grace} s grace period",
-                count=len(sessions),
-                grace=grace,
-            )
-        for session in sessions:
-            session.beginShutdown()
-        timer = self.reactor.callLater(grace, self._forceShutdown)
-        gone = self.factory.whenAllGone()
-        gone.addBoth(lambda result: timer.active() and timer.cancel())
+        gone = self.factory.drain(grace)
         gone.addBoth(lambda _: self.pool.closeIdle())
+        if self.workers is not None:
+            stopped.append(self.workers.stop(grace))
         return defer.DeferredList(stopped + [gone])
 
-    def _forceShutdown(self):
-        for session in list(self.factory.sessions):
-            session.forceShutdown()
+    def whenDrained(self, generation, timeout):
+        """
+        Wait until no transaction begun before C{generation} is running in
+        any process, for at most C{timeout} seconds.
+
+        @return: a L{Deferred} firing with C{generation}, or failing with
+            L{DrainTimeout}.
+        """
+        counts = [self.state.stillRunning(generation, self.reactor, timeout)]
+        if self.workers is not None:
+            counts.append(self.workers.running(generation, timeout))
+
+        def total(counts):
+            running = sum(counts)
+            if running:
+                raise DrainTimeout(
+                    "%d transaction(s) begun before generation %d still running"
+                    % (running, generation)
+                )
+            return generation
+
+        return defer.gatherResults(counts, consumeErrors=True).addCallback(total)
 
     # reload
 
@@ -193,8 +213,12 @@ class ProxyService(service.Service):
         loading = reloadConfig(self.reactor, old)
 
         def loaded(result):
-            new, table, summary = result
+            new, table, summary, data = result
             generation = self.state.swap(new, table)
+            if self.workers is not None:
+                configured = self.workers.configure(data, generation)
+            else:
+                configured = defer.succeed(None)
             self.log.info(
                 "reload: generation {generation} from {source} in {seconds:.3f} s: "
                 "{summary}",
@@ -203,12 +227,15 @@ class ProxyService(service.Service):
                 seconds=time.monotonic() - started,
                 summary=summary,
             )
-            if any(getattr(old, k) != getattr(new, k) for k in _LISTENER_KEYS):
+            restart = [
+                k for k in configuration.RESTART_KEYS if getattr(old, k) != getattr(new, k)
+            ]
+            if restart:
                 self.log.warn(
-                    "reload: the listening socket settings changed; "
-                    "they take effect only after a restart"
+                    "reload: {keys} changed; that takes effect only after a restart",
+                    keys=", ".join(restart),
                 )
-            return generation, summary
+            return configured.addCallback(lambda _: (generation, summary))
 
         def refused(failure):
             failure.trap(configuration.ConfigError)

@@ -40,15 +40,16 @@ class ProxyState:
         """
         return sum(self._running.values())
 
-    def swap(self, config, table):
+    def swap(self, config, table, generation=None):
         """
-        Put a new configuration and its routing table in force.
+        Put a new configuration and its routing table in force, as the next
+        generation or (in a worker process) as the master's C{generation}.
 
         @return: the new generation.
         """
         self.config = config
         self.table = table
-        self.generation += 1
+        self.generation = self.generation + 1 if generation is None else generation
         return self.generation
 
     def begin(self):
@@ -97,6 +98,22 @@ class ProxyState:
         timer = clock.callLater(timeout, expire)
         waiter.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
         return waiter
+
+    def stillRunning(self, generation, clock, timeout):
+        """
+        Wait, for at most C{timeout} seconds, until no transaction begun
+        before C{generation} is running.
+
+        @return: a L{Deferred} firing with the number still running then.
+        """
+
+        def timedOut(failure):
+            failure.trap(DrainTimeout)
+            return self.olderThan(generation)
+
+        return self.whenDrained(generation, clock, timeout).addCallbacks(
+            lambda _: 0, timedOut
+        )
 
     def _wakeDrainWaiters(self):
         for entry in list(self._drainWaiters):

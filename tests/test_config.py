@@ -593,7 +593,7 @@ class DescribeChangesTests(unittest.TestCase):
         self.assertEqual(
             describeChanges(old, new),
             "users: 0 added, 0 removed, 0 moved; backends: 0 added, 0 removed, 0 changed; "
-            "listener change needs a restart (permissions)",
+            "needs a restart to change: permissions",
         )
 
     def test_settings(self):

@@ -1,0 +1,380 @@
+"""
+Extra worker processes that serve from the master's listening socket.
+
+One Python process uses one core. With C{workers: N}, the twistd process
+(the master) starts N-1 workers (C{python -m lmtp_proxy.workers FAMILY}),
+each of which adopts the listening socket as its file descriptor 3, so the
+kernel hands each new connection to whichever process accepts it first.
+
+The master keeps the configuration: it sends each worker the checked
+configuration (L{lmtp_proxy.reloader.serialize}) with its generation at
+start and on every reload, so all processes route by the same table under
+the same generation number. Over the worker's standard input and output,
+one request line, one reply line::
+
+    config GENERATION LENGTH\\n<LENGTH bytes>  -> "ok GENERATION"
+    wait GENERATION SECONDS                   -> "drained" | "running COUNT"
+    stop SECONDS                              -> the worker drains and exits
+
+A worker's log events arrive on its standard error and are logged by the
+master, each line prefixed with the worker's number.
+"""
+
+import signal
+import socket
+import sys
+from collections import deque
+
+from twisted.internet import defer, protocol, stdio, tcp, unix
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger, eventAsText, globalLogBeginner
+from twisted.protocols.basic import LineReceiver
+
+from lmtp_proxy.delivery import Delivery
+from lmtp_proxy.pool import BackendPool
+from lmtp_proxy.reloader import childEnvironment, deserialize
+from lmtp_proxy.server import LMTPServerFactory
+from lmtp_proxy.state import ProxyState
+
+FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
+
+
+def listenFamily(address):
+    """
+    The name in L{FAMILIES} of the listening socket C{config.socket}.
+    """
+    if isinstance(address, str):
+        return "unix"
+    return "inet6" if ":" in address[0] else "inet"
+
+
+# the master's side
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """
+    One worker, as the master sees it: requests with their reply
+    L{Deferred}s, and the worker's log lines.
+    """
+
+    log = Logger()
+
+    def __init__(self, number, ended):
+        self.number = number
+        self._ended = ended
+        self._replies = deque()
+        self._out = b""
+        self._err = b""
+        self.configured = None
+        self.exited = defer.Deferred()
+
+    def request(self, line, payload=b""):
+        """
+        Send one request; fire with the worker's reply line.
+        """
+        waiter = defer.Deferred()
+        self._replies.append(waiter)
+        self.transport.write(line.encode("ascii") + b"\n" + payload)
+        return waiter
+
+    def outReceived(self, data):
+        self._out += data
+        *lines, self._out = self._out.split(b"\n")
+        for line in lines:
+            if self._replies:
+                self._replies.popleft().callback(line.decode("ascii", "replace"))
+
+    def errReceived(self, data):
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            self.log.info(
+                "worker {number}: {line}",
+                number=self.number,
+                line=line.decode("utf-8", "replace"),
+            )
+
+    def processEnded(self, reason):
+        replies, self._replies = self._replies, deque()
+        for waiter in replies:
+            waiter.errback(reason)
+        self.exited.callback(None)
+        self._ended(self, reason)
+
+
+class Workers:
+    """
+    The extra worker processes of one L{lmtp_proxy.service.ProxyService}.
+    """
+
+    log = Logger()
+    RESPAWN_DELAY = 1.0
+
+    def __init__(self, reactor, count, listeningPort, family):
+        self._reactor = reactor
+        self._count = count
+        self._fd = listeningPort.fileno()
+        self._family = family
+        self._processes = {}
+        self._stopping = False
+        self._data = None
+        self._generation = None
+
+    def start(self, data, generation):
+        """
+        Start every worker with the configuration C{data} of C{generation}.
+
+        @return: a L{Deferred} that fires once every worker serves.
+        """
+        self._data, self._generation = data, generation
+        return defer.gatherResults(
+            [self._spawn(number) for number in range(1, self._count)],
+            consumeErrors=True,
+        )
+
+    @property
+    def processes(self):
+        """
+        The running L{WorkerProcess}es.
+        """
+        return list(self._processes.values())
+
+    def configure(self, data, generation):
+        """
+        Put a new configuration in force in every worker.
+
+        @return: a L{Deferred} that fires once every worker uses it.
+        """
+        self._data, self._generation = data, generation
+        return defer.gatherResults(
+            [self._sendConfig(worker) for worker in self._processes.values()],
+            consumeErrors=True,
+        )
+
+    def running(self, generation, timeout):
+        """
+        Wait until the workers' transactions begun before C{generation} have
+        ended, for at most C{timeout} seconds.
+
+        @return: a L{Deferred} firing with the number still running.
+        """
+        asked = [
+            worker.request("wait %d %s" % (generation, timeout)).addCallback(_count)
+            for worker in self._processes.values()
+        ]
+        return defer.gatherResults(asked, consumeErrors=True).addCallback(sum)
+
+    def stop(self, grace):
+        """
+        Ask every worker to drain and exit; fire once all have exited.
+        """
+        self._stopping = True
+        exits = []
+        for worker in self._processes.values():
+            worker.request("stop %s" % (grace,)).addErrback(lambda failure: None)
+            exits.append(worker.exited)
+        return defer.DeferredList(exits)
+
+    def _spawn(self, number):
+        worker = WorkerProcess(number, self._ended)
+        self._processes[number] = worker
+        self._reactor.spawnProcess(
+            worker,
+            sys.executable,
+            [sys.executable, "-m", "lmtp_proxy.workers", self._family],
+            env=childEnvironment(),
+            childFDs={0: "w", 1: "r", 2: "r", 3: self._fd},
+        )
+        configured = worker.configured = self._sendConfig(worker)
+        configured.addErrback(
+            lambda failure: self.log.failure(
+                "worker {n}: configuration not taken", failure, n=number
+            )
+        )
+        return configured
+
+    def _sendConfig(self, worker):
+        return worker.request(
+            "config %d %d" % (self._generation, len(self._data)), self._data
+        )
+
+    def _ended(self, worker, reason):
+        if self._processes.get(worker.number) is not worker:
+            return
+        if self._stopping:
+            del self._processes[worker.number]
+            return
+        self.log.error(
+            "worker {number} ended unexpectedly ({reason}); starting it again",
+            number=worker.number,
+            reason=reason.getErrorMessage(),
+        )
+        self._reactor.callLater(self.RESPAWN_DELAY, self._respawn, worker.number)
+
+    def _respawn(self, number):
+        if not self._stopping:
+            self._spawn(number)
+
+
+def _count(line):
+    words = line.split()
+    if words == ["drained"]:
+        return 0
+    if len(words) == 2 and words[0] == "running" and words[1].isdigit():
+        return int(words[1])
+    raise ValueError("unexpected worker reply %r" % (line,))
+
+
+# the worker's side
+
+
+class WorkerControl(LineReceiver):
+    """
+    The master's requests, read from standard input.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self, worker):
+        self.worker = worker
+        self._pending = None
+
+    def lineReceived(self, line):
+        words = line.decode("ascii", "replace").split()
+        if words and words[0] == "config" and len(words) == 3:
+            self._pending = (int(words[1]), int(words[2]), bytearray())
+            self.setRawMode()
+        elif words and words[0] == "wait" and len(words) == 3:
+            self.worker.running(int(words[1]), float(words[2])).addCallback(
+                lambda count: self.sendLine(
+                    b"drained" if not count else b"running %d" % (count,)
+                )
+            )
+        elif words and words[0] == "stop" and len(words) == 2:
+            self.worker.stop(float(words[1])).addBoth(lambda _: self.worker.reactor.stop())
+
+    def rawDataReceived(self, data):
+        generation, length, received = self._pending
+        received += data
+        if len(received) < length:
+            return
+        self._pending = None
+        rest = bytes(received[length:])
+        self.worker.configure(bytes(received[:length]), generation).addCallback(
+            lambda _: self.sendLine(b"ok %d" % (generation,))
+        )
+        self.setLineMode(rest)
+
+    def connectionLost(self, reason):
+        # The master is gone: nobody is left to stop this worker.
+        if self.worker.reactor.running:
+            self.worker.reactor.stop()
+
+
+class _SharedUNIXPort(unix.Port):
+    """
+    The master's unix listening socket, adopted. When a unix port closes,
+    Twisted shuts the socket down and removes its file; both belong to the
+    master, and a worker that ends on its own must leave them to the master
+    and the other workers.
+    """
+
+    _shouldShutdown = False
+
+    def connectionLost(self, reason):
+        tcp.Port.connectionLost(self, reason)
+
+
+class Worker:
+    """
+    A worker process: the same server as the master's, on the adopted
+    listening socket.
+    """
+
+    def __init__(self, reactor, family):
+        self.reactor = reactor
+        self.family = FAMILIES[family]
+        self.state = None
+        self.factory = None
+        self.pool = BackendPool(reactor)
+        self.port = None
+        self._stopped = None
+
+    def configure(self, data, generation):
+        building = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), deserialize, data
+        )
+
+        def built(result):
+            config, table = result
+            if self.state is None:
+                self.state = ProxyState(config, table)
+                self.state.generation = generation
+                self.factory = LMTPServerFactory(Delivery(self.reactor, self.state, self.pool))
+                if self.family == socket.AF_UNIX:
+                    self.port = _SharedUNIXPort._fromListeningDescriptor(
+                        self.reactor, 3, self.factory
+                    )
+                    # Twisted chmods the socket file on listening: keep the
+                    # master's mode.
+                    if config.permissions is not None:
+                        self.port.mode = config.permissions
+                    self.port.startListening()
+                else:
+                    self.port = self.reactor.adoptStreamPort(3, self.family, self.factory)
+            else:
+                self.state.swap(config, table, generation)
+
+        return building.addCallback(built)
+
+    def running(self, generation, timeout):
+        if self.state is None:
+            return defer.succeed(0)
+        return self.state.stillRunning(generation, self.reactor, timeout)
+
+    def stop(self, grace=None):
+        """
+        Stop accepting and drain, once; C{grace} defaults to the configured
+        C{shutdown_grace}.
+        """
+        if self._stopped is None:
+            if grace is None:
+                grace = self.state.config.shutdown_grace if self.state else 0
+            self._stopped = self._drain(grace)
+        return self._stopped
+
+    @defer.inlineCallbacks
+    def _drain(self, grace):
+        if self.port is not None:
+            yield self.port.stopListening()
+        if self.factory is not None:
+            yield self.factory.drain(grace)
+        self.pool.closeIdle()
+
+
+def main(argv):
+    """
+    Run a worker: C{python -m lmtp_proxy.workers FAMILY}.
+    """
+    from twisted.internet import reactor
+
+    # The master alone answers SIGUSR1 and passes the new table on.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    err = sys.stderr
+
+    def observer(event):
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        err.write(text + "\n")
+        err.flush()
+
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    worker = Worker(reactor, argv[0])
+    stdio.StandardIO(WorkerControl(worker), reactor=reactor)
+    # SIGTERM or SIGINT (a foreground Ctrl-C reaches every process) drains
+    # like a stop from the master.
+    reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
