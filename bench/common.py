@@ -371,7 +371,10 @@ def proxy_yaml(port, backends, users, extra_config=""):
     lines = ["config:",
              "  socket: [127.0.0.1, %d]" % port,
              "  ignoreDomain: false",
-             "  pool_size: 8"]
+             "  pool_size: 8",
+             # One serving process per core, as Dovecot runs one lmtp
+             # process per connection; WORKERS=1 measures a single process.
+             "  workers: %d" % int(os.environ.get("WORKERS") or os.cpu_count() or 1)]
     if extra_config:
         lines.append(extra_config.rstrip("\n"))
     lines.append("backends:")
