@@ -135,7 +135,7 @@ class BackendProtocolError(BackendError):
     The backend sent something that is not a valid reply.
     """
 
-    enhanced = "4.5.0"
+    enhanced = "4.4.0"
     summary = "backend protocol error"
 
 

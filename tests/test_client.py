@@ -625,7 +625,7 @@ class ReplyTests(unittest.TestCase):
             BackendUnavailable: "4.4.1",
             BackendTimeout: "4.4.2",
             BackendLost: "4.4.2",
-            BackendProtocolError: "4.5.0",
+            BackendProtocolError: "4.4.0",
             BackendAuthFailed: "4.7.0",
         }
         for kind, code in expected.items():

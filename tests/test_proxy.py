@@ -280,13 +280,13 @@ class BackendFaultTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_garbageReply(self):
         """
-        A backend answering RCPT with garbage gets its recipient a 4xx.
+        A backend answering RCPT with garbage gets its recipient a 451 4.4.x.
         """
         a, b, proxy = twoBackends(self)
         a.actions["RCPT"] = b"what is this\r\n"
         client = yield proxy.connect(self)
         replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
-        self.assertTrue(replies[2].startswith("451 4."), replies[2])
+        self.assertTrue(replies[2].startswith("451 4.4."), replies[2])
         self.assertEqual([r[:3] for r in replies[3:]], ["250", "354", "250", "221"])
         self.assertEqual(b.messages, [BODY])
 
@@ -423,6 +423,47 @@ class BackendFaultTests(unittest.TestCase):
         self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "354", "250", "250"])
         self.assertEqual(a.messages, [BODY])
         self.assertFalse(client.lost.called)
+
+
+class ConnectTimeoutTests(unittest.TestCase):
+    """
+    A backend that never completes the TCP handshake costs its recipients
+    a 4xx after connect_timeout.
+    """
+
+    @defer.inlineCallbacks
+    def test_connectTimeout(self):
+        """
+        While a backend's accept queue is full, new connections to it hang;
+        after connect_timeout its recipient gets 451 4.4.1 and the other
+        backend's recipient is delivered.
+        """
+        full = socket.socket()
+        self.addCleanup(full.close)
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+            fillers.append(filler)
+            self.addCleanup(filler.close)
+        b = FakeBackend(self)
+        proxy = Proxy(
+            self,
+            {"connect_timeout": 0.5, "command_timeout": 30},
+            {"a": {"host": "127.0.0.1", "port": full.getsockname()[1]}, "b": b.entry},
+            {"@a.test": "a", "@b.test": "b"},
+        )
+        client = yield proxy.connect(self)
+        started = reactor.seconds()
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
+        self.assertTrue(replies[2].startswith("451 4.4.1"), replies[2])
+        # Refused at once would also give 4.4.1: the wait shows the timeout.
+        self.assertTrue(0.4 <= reactor.seconds() - started < 10, reactor.seconds() - started)
+        self.assertEqual([r[:3] for r in replies[3:]], ["250", "354", "250", "221"])
+        self.assertEqual(b.messages, [BODY])
 
 
 class ClientAbortTests(unittest.TestCase):

@@ -15,7 +15,7 @@ from lmtp_proxy import config as configuration
 from lmtp_proxy.control import controlAddress
 from lmtp_proxy.service import ProxyService
 from lmtp_proxy.state import DrainTimeout
-from tests.support import FakeBackend, connectClient, deadPort, waitUntil
+from tests.support import FakeBackend, connectClient, deadPort, transaction, waitUntil
 
 
 def captureLog(testcase):
@@ -123,6 +123,24 @@ class ReloadTests(unittest.TestCase):
         self.assertIn("users: 1 added, 1 removed, 1 moved", line)
 
     @defer.inlineCallbacks
+    def test_reloadSwapsBackendDefinitions(self):
+        """
+        A reload that moves a backend to another address sends the next
+        transaction there, and logs backends added and removed.
+        """
+        log = captureLog(self)
+        old, new, extra = FakeBackend(self), FakeBackend(self), FakeBackend(self)
+        proxy = RunningProxy(self, {"a": old.entry, "gone": extra.entry}, {"@x.test": "a"})
+        proxy.write({"a": new.entry, "added": extra.entry}, {"@x.test": "a"})
+        yield proxy.service.reload()
+        client = yield proxy.connect()
+        client.send(transaction([b"one@x.test"]))
+        yield client.waitReplies(7)
+        self.assertEqual((len(old.messages), len(new.messages)), (0, 1))
+        [line] = [l for l in log if l.startswith("reload: generation 2")]
+        self.assertIn("backends: 1 added, 1 removed, 1 changed", line)
+
+    @defer.inlineCallbacks
     def test_brokenFileKeepsTable(self):
         """
         A file that does not validate is refused with one log line naming the
@@ -143,14 +161,19 @@ class ReloadTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_yamlErrorKeepsTable(self):
         """
-        A YAML syntax error is refused like any other mistake.
+        A YAML syntax error is refused like any other mistake, with one log
+        line naming the file and the line.
         """
+        log = captureLog(self)
         a = FakeBackend(self)
         proxy = RunningProxy(self, {"a": a.entry}, {"alice@x.test": "a"})
         proxy.write(None, None, text="config: [unclosed\n")
         error = yield self.assertFailure(proxy.service.reload(), configuration.ConfigError)
         self.assertIn(proxy.path, str(error))
         self.assertEqual(proxy.service.state.generation, 1)
+        refused = [l for l in log if l.startswith("reload refused")]
+        self.assertEqual(len(refused), 1)
+        self.assertIn(proxy.path + ", line ", refused[0])
 
     @defer.inlineCallbacks
     def test_listenerChangeNeedsRestart(self):
@@ -301,14 +324,22 @@ class StopTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_stopRefusesNewConnections(self):
         """
-        Once stopping, the listener is closed at once.
+        Once stopping, the listener is closed at once, while a transaction
+        in flight is still draining.
         """
         a = FakeBackend(self)
-        proxy = RunningProxy(self, {"a": a.entry}, {"@x.test": "a"})
-        yield proxy.service.stopService()
+        proxy = RunningProxy(self, {"a": a.entry}, {"@x.test": "a"}, shutdown_grace=10)
+        client = yield proxy.connect()
+        client.send(b"LHLO c\r\nMAIL FROM:<s@y>\r\nRCPT TO:<one@x.test>\r\n")
+        yield client.waitReplies(4)
+        stopping = proxy.service.stopService()
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(stopping.called)
         probe = socket.socket()
         self.addCleanup(probe.close)
         self.assertRaises(OSError, probe.connect, ("127.0.0.1", proxy.port))
+        client.send(b"DATA\r\nhi\r\n.\r\n")
+        yield stopping
 
     @defer.inlineCallbacks
     def test_transactionFinishesThenCloses(self):
