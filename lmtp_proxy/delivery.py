@@ -17,6 +17,10 @@ from twisted.internet.interfaces import IPushProducer
 from lmtp_proxy.client import BackendError, BackendLost, BackendTimeout, reply
 from lmtp_proxy.routing import REJECT
 
+# Message bytes held for a backend that has not answered DATA yet, past
+# which reading from the client pauses.
+MAX_HELD = 256 * 1024
+
 REJECTED = reply(451, "4.2.1 Mailbox temporarily unavailable, try again later")
 UNROUTED = reply(550, "5.1.1 No such user here")
 ABORTED = reply(451, "4.3.0 Message not completed")
@@ -125,6 +129,10 @@ class BackendSession:
         self._mailSent = False
         self._repliesFailed = False
         self._throttle = None
+        self._goAhead = None
+        self._held = None
+        self._heldSize = 0
+        self._holding = False
 
     @defer.inlineCallbacks
     def rcpt(self, address, params):
@@ -189,17 +197,25 @@ class BackendSession:
         except BackendError as e:
             self.failure = e.reply
 
-    @defer.inlineCallbacks
     def startData(self, pauseClient, resumeClient):
         """
-        Send DATA and wait for the backend's 354.
+        Send DATA. The client has its 354 at once: what it sends before this
+        backend's own 354 is held (reading from the client pauses past
+        L{MAX_HELD} bytes) and relayed when the 354 comes, which saves a
+        round trip per message.
         """
         if self.failure is not None or not self.accepted:
             return
-        try:
-            result = yield self.client.command(b"DATA")
-        except BackendError as e:
-            self.fail(e)
+        self._pauseClient, self._resumeClient = pauseClient, resumeClient
+        self._held = []
+        self._goAhead = self.client.command(b"DATA").addCallbacks(
+            self._dataAnswered, self._dataFailed
+        )
+
+    def _dataAnswered(self, result):
+        held, self._held = self._held, None
+        self._stopHolding()
+        if self.client is None:
             return
         if result.code != 354:
             self.failure = (
@@ -208,23 +224,58 @@ class BackendSession:
             self._release(self.client, reset=True)
             self.client = None
             return
-        self._throttle = _Throttle(self, pauseClient, resumeClient)
+        self._throttle = _Throttle(self, self._pauseClient, self._resumeClient)
         self.client.transport.registerProducer(self._throttle, True)
+        for data in held:
+            self.client.writeData(data)
+
+    def _dataFailed(self, failure):
+        self._held = None
+        self._stopHolding()
+        error = failure.value
+        self.fail(error if isinstance(error, BackendError) else BackendError(str(error)))
+
+    def _stopHolding(self):
+        if self._holding:
+            self._holding = False
+            self._resumeClient(self)
 
     def write(self, data):
         """
-        Relay message bytes.
+        Relay message bytes, or hold them until the backend's 354.
         """
         if self._throttle is not None:
             self.client.writeData(data)
+        elif self._held is not None:
+            self._held.append(data)
+            self._heldSize += len(data)
+            if self._heldSize > MAX_HELD and not self._holding:
+                self._holding = True
+                self._pauseClient(self)
 
     def finish(self):
         """
-        Send the final dot and return one L{Deferred} per accepted recipient.
+        Send the final dot (once the backend said 354) and return one
+        L{Deferred} per accepted recipient.
         """
+        if self._goAhead is None:
+            return self._noMessage()
+        results = [defer.Deferred() for _ in range(self.accepted)]
+
+        def endMessage(ignored):
+            for verdict, result in zip(self._sendDot(), results):
+                verdict.chainDeferred(result)
+
+        self._goAhead.addCallback(endMessage)
+        return results
+
+    def _noMessage(self):
+        self.reset()
+        return [defer.succeed(self.failure or ABORTED) for _ in range(self.accepted)]
+
+    def _sendDot(self):
         if self._throttle is None:
-            self.reset()
-            return [defer.succeed(self.failure or ABORTED) for _ in range(self.accepted)]
+            return self._noMessage()
         client = self.client
         self._stopStreaming()
         client.writeData(b".\r\n")
@@ -367,14 +418,11 @@ class Transaction:
 
     def startData(self, pauseClient, resumeClient):
         """
-        Send DATA to every backend that accepted a recipient.
-
-        @return: a L{Deferred} that fires once every backend is ready for
-            the message or has failed.
+        Send DATA to every backend that accepted a recipient; the message
+        may follow at once.
         """
-        return defer.gatherResults(
-            [s.startData(pauseClient, resumeClient) for s in self.sessions.values()]
-        )
+        for session in self.sessions.values():
+            session.startData(pauseClient, resumeClient)
 
     def write(self, data):
         """

@@ -369,12 +369,7 @@ class LMTPServer(protocol.Protocol):
             return NEED_MAIL
         if not self.transaction.accepted:
             return NEED_RCPT
-        ready = self.transaction.startData(self._pause, self._resume)
-        return ready.addCallback(self._startData)
-
-    def _startData(self, ignored):
-        if self.transaction is None:
-            return None
+        self.transaction.startData(self._pause, self._resume)
         self._inData = True
         self._dataError = None
         self._dataSize = 0

@@ -487,3 +487,176 @@ class PostfixTests(_Base):
         self.assertEqual(len(new.messages("carol@example.test")), 1)
         self.assertEqual(len(old.messages("alice@example.test")), 1)
         self.assertEqual(old.messages("carol@example.test"), [])
+
+
+class SinkFaultInjectionTests(_Base):
+    """
+    Real smtp-sink instances as fault-injecting backends, next to a healthy
+    smtp-sink in the same transaction. (smtp-sink's options, as checked
+    against Postfix 3.7: "-w N" delays the 354 reply to DATA; "-W .:N"
+    delays the reply to the final dot; "-q CMD" disconnects without a reply
+    after CMD, where "." is the end of data.)
+    """
+
+    def _pair(self, faultArgs, **options):
+        """A faulty sink (@bad.test), a healthy sink (@ok.test), the proxy."""
+        bad = peers.SmtpSink(self, name="bad", args=faultArgs)
+        ok = peers.SmtpSink(self, name="ok")
+        proxy = peers.Proxy(self, proxyConfig(
+            {"bad": bad.backendConfig(), "ok": ok.backendConfig()},
+            {"@bad.test": "bad", "@ok.test": "ok"}, **options))
+        return bad, ok, proxy
+
+    def test_sinkSlowerThanDataTimeoutDeferredOthersSentSessionUsable(self):
+        """
+        A sink that waits 3 s before answering the final dot, behind a proxy
+        with data_timeout 1: after the dot its recipient gets 451 4.4.2
+        within well under 3 s (the proxy gave up, it did not wait), the
+        healthy sink's recipient in the same transaction gets 250 and is
+        stored, and a second transaction on the same client connection is
+        delivered.
+        """
+        bad, ok, proxy = self._pair(["-W", ".:3"], data_timeout=1)
+        c = peers.LMTPClient(proxy.target)
+        try:
+            c.lhlo()
+            started = time.monotonic()
+            first = c.transaction(SENDER, ["slow@bad.test", "fast@ok.test"],
+                                  transparencyMessage(b"slow-1").replace(
+                                      b"bare\rCR", b"no bare CR"))
+            elapsed = time.monotonic() - started
+            self.assertEqual([r.code for r in first["rcpt"]], [250, 250], c.received)
+            self.assertEqual(first["data"].code, 354, c.received)
+            self.assertEqual([(a, r.code) for a, r in first["final"]],
+                             [("slow@bad.test", 451), ("fast@ok.test", 250)],
+                             c.received)
+            self.assertTrue(first["final"][0][1].text.startswith("4.4.2"), c.received)
+            self.assertLess(elapsed, 2.8, "the proxy waited for the slow sink")
+            second = c.transaction(SENDER, ["again@ok.test"],
+                                   transparencyMessage(b"slow-2"))
+            self.assertEqual([(a, r.code) for a, r in second["final"]],
+                             [("again@ok.test", 250)], c.received)
+            self.assertEqual(c.command("NOOP").code, 250, c.received)
+        finally:
+            c.quit()
+        dumps = ok.waitDumps(2)
+        rcpts = [peers.SmtpSink.parseDump(d)[0]["rcpt"] for d in dumps]
+        self.assertEqual([[r.split()[0] for r in x] for x in rcpts],
+                         [["<fast@ok.test>"], ["<again@ok.test>"]])
+        self.assertTrue(proxy.alive(), proxy.log())
+
+    def test_sinkDisconnectsAtRcpt(self):
+        """
+        A sink that drops the connection, without a reply, on RCPT: its
+        recipient gets 451 4.4.x at RCPT (no 5xx), the other recipients of
+        the transaction (on a healthy sink, before and after it in RCPT
+        order) get 250 after the dot and are stored, and the bad sink
+        never completes a message.
+        """
+        bad, ok, proxy = self._pair(["-q", "rcpt"])
+        recipients = ["one@ok.test", "gone@bad.test", "two@ok.test"]
+        result = peers.lmtpDeliver(proxy.target, SENDER, recipients,
+                                   transparencyMessage(b"qrcpt"))
+        lines = result["lines"]
+        self.assertEqual([r.code for r in result["rcpt"]], [250, 451, 250], lines)
+        self.assertTrue(result["rcpt"][1].text.startswith("4.4."), lines)
+        self.assertEqual(result["data"].code, 354, lines)
+        self.assertEqual([(a, r.code) for a, r in result["final"]],
+                         [("one@ok.test", 250), ("two@ok.test", 250)], lines)
+        info, body = peers.SmtpSink.parseDump(ok.waitDumps(1)[0])
+        self.assertEqual([r.split()[0] for r in info["rcpt"]],
+                         ["<one@ok.test>", "<two@ok.test>"])
+        self.assertEqual(bad.messagesReceived(), 0, bad.output())
+
+    def test_sinkDisconnectsAfterFinalDot(self):
+        """
+        A sink that takes the whole message and then drops the connection
+        without answering the final dot ("-q ."): each of its two
+        recipients gets 451 4.4.2 after the dot (one reply each, in RCPT
+        order, interleaved with the healthy sink's), the healthy sink's
+        recipient gets 250 and is stored, and the session then ends with
+        QUIT's 221.
+        """
+        bad, ok, proxy = self._pair(["-q", "."])
+        recipients = ["a@bad.test", "fine@ok.test", "b@bad.test"]
+        result = peers.lmtpDeliver(proxy.target, SENDER, recipients,
+                                   transparencyMessage(b"qdot"))
+        lines = result["lines"]
+        self.assertEqual([r.code for r in result["rcpt"]], [250, 250, 250], lines)
+        self.assertEqual([(a, r.code) for a, r in result["final"]],
+                         [("a@bad.test", 451), ("fine@ok.test", 250),
+                          ("b@bad.test", 451)], lines)
+        for i in (0, 2):
+            self.assertTrue(result["final"][i][1].text.startswith("4.4.2"), lines)
+        self.assertTrue(lines[-1].startswith("221"), lines)
+        info, body = peers.SmtpSink.parseDump(ok.waitDumps(1)[0])
+        self.assertEqual([r.split()[0] for r in info["rcpt"]], ["<fine@ok.test>"])
+
+    def test_sinkDisconnectsAtDataCommand(self):
+        """
+        A sink that accepts RCPT but drops the connection on the DATA
+        command ("-q data"): the client still gets 354 (the healthy sink
+        takes the message), the faulty sink's recipient gets 451 4.4.x
+        after the dot and the healthy sink's recipient 250.
+        """
+        bad, ok, proxy = self._pair(["-q", "data"])
+        recipients = ["x@bad.test", "y@ok.test"]
+        result = peers.lmtpDeliver(proxy.target, SENDER, recipients,
+                                   transparencyMessage(b"qdata"))
+        lines = result["lines"]
+        self.assertEqual([r.code for r in result["rcpt"]], [250, 250], lines)
+        self.assertEqual(result["data"].code, 354, lines)
+        self.assertEqual([(a, r.code) for a, r in result["final"]],
+                         [("x@bad.test", 451), ("y@ok.test", 250)], lines)
+        self.assertTrue(result["final"][0][1].text.startswith("4.4."), lines)
+        info, body = peers.SmtpSink.parseDump(ok.waitDumps(1)[0])
+        self.assertEqual([r.split()[0] for r in info["rcpt"]], ["<y@ok.test>"])
+        self.assertEqual(bad.messagesReceived(), 0, bad.output())
+
+    def test_swaksPipelinedSlowSinkBelowDataTimeout(self):
+        """
+        swaks --pipeline through the proxy to three backends: a healthy
+        sink, a sink that is slow (1 s before its 354 and 1 s before its
+        end-of-data reply) but within data_timeout 10, and a Dovecot whose
+        final reply names the recipient. Everyone gets 250 after the dot,
+        in RCPT order: Dovecot's reply is third although Dovecot answered
+        long before the slow sink; each sink stored the message once, for
+        its own recipients.
+        """
+        slow = peers.SmtpSink(self, name="slow", args=["-w", "1", "-W", ".:1"])
+        ok = peers.SmtpSink(self, name="ok")
+        dove = peers.DovecotBackend(self, "old", tcp=True)
+        proxy = peers.Proxy(self, proxyConfig(
+            {"slow": slow.backendConfig(), "ok": ok.backendConfig(),
+             "dove": dove.backendConfig()},
+            {"@slow.test": "slow", "@ok.test": "ok", "@example.test": "dove"},
+            data_timeout=10))
+        recipients = ["s1@slow.test", "o1@ok.test", "alice@example.test",
+                      "s2@slow.test"]
+        started = time.monotonic()
+        run = peers.swaks(proxy.target, [
+            "--from", SENDER, "--to", ",".join(recipients),
+            "--body", "pipelined through a slow sink"], pipeline=True)
+        elapsed = time.monotonic() - started
+        self.assertEqual(run.returncode, 0, run.stdout)
+        self.assertRegex(run.stdout, r"-> MAIL FROM:<[^\n]*\n -> RCPT TO:<s1"
+                         r"[^\n]*\n -> RCPT TO:<o1[^\n]*\n -> RCPT TO:<alice"
+                         r"[^\n]*\n -> RCPT TO:<s2[^\n]*\n -> DATA\n")
+        replies = peers.swaksReplies(run.stdout)
+        dot = replies.index([r for r in replies if r.startswith("354")][0])
+        self.assertEqual([r[:3] for r in replies[dot - 5:dot]],
+                         ["250"] * 5, replies)
+        final = [r for r in replies[dot + 1:] if not r.startswith("221")]
+        self.assertEqual(len(final), 4, replies)
+        for address, line in zip(recipients, final):
+            self.assertTrue(line.startswith("250 "), (address, line, replies))
+        self.assertIn("<alice@example.test>", final[2], replies)
+        for i in (0, 1, 3):
+            self.assertNotIn("example.test", final[i], replies)
+        self.assertGreaterEqual(elapsed, 2.0, "the slow sink was not slow")
+        info, body = peers.SmtpSink.parseDump(slow.waitDumps(1)[0])
+        self.assertEqual([r.split()[0] for r in info["rcpt"]],
+                         ["<s1@slow.test>", "<s2@slow.test>"])
+        info, body = peers.SmtpSink.parseDump(ok.waitDumps(1)[0])
+        self.assertEqual([r.split()[0] for r in info["rcpt"]], ["<o1@ok.test>"])
+        self.assertEqual(len(dove.messages("alice@example.test")), 1)

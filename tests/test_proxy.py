@@ -8,6 +8,8 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from lmtp_proxy.delivery import MAX_HELD
+
 from tests.support import (
     PASSWORD,
     PLAIN_TOKEN,
@@ -423,6 +425,104 @@ class BackendFaultTests(unittest.TestCase):
         self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "354", "250", "250"])
         self.assertEqual(a.messages, [BODY])
         self.assertFalse(client.lost.called)
+
+
+def slowGoAhead(delay):
+    """
+    A FakeBackend DATA action that answers 354 only after C{delay} seconds;
+    a message byte arriving before would be taken for a command.
+    """
+
+    def action(backend, line):
+        def goAhead():
+            backend._answer(b"354 go ahead\r\n")
+            backend.inData = True
+            backend.data = bytearray()
+            backend.setRawMode()
+
+        reactor.callLater(delay, goAhead)
+
+    return action
+
+
+class EarlyGoAheadTests(unittest.TestCase):
+    """
+    The client gets 354 at once; what it sends before a backend's own 354
+    is held and relayed after it.
+    """
+
+    @defer.inlineCallbacks
+    def test_354BeforeBackend(self):
+        """
+        The client's 354 does not wait for the backends' 354.
+        """
+        a, b, proxy = twoBackends(self)
+        a.actions["DATA"] = "hang"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nDATA\r\n", 4)
+        self.assertTrue(replies[3].startswith("354"), replies)
+
+    @defer.inlineCallbacks
+    def test_heldDataRelayedAfterGoAhead(self):
+        """
+        A message sent whole before a slow backend's 354 reaches that
+        backend byte for byte, after its 354 and never before.
+        """
+        a, b, proxy = twoBackends(self)
+        a.actions["DATA"] = slowGoAhead(0.3)
+        client = yield proxy.connect(self)
+        body = b"Subject: held\r\n\r\n..dot\r\n" + b"x" * 500 + b"\r\n"
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"], body=body), 8)
+        self.assertEqual([r[:3] for r in replies[4:]], ["354", "250", "250", "221"])
+        self.assertEqual(a.messages, [body])
+        self.assertEqual(a.verbs(), [b"LHLO", b"MAIL", b"RCPT", b"DATA"])
+
+    @defer.inlineCallbacks
+    def test_goAheadRefused(self):
+        """
+        A backend that refuses DATA gives its recipients its own reply after
+        the final dot; the other backend delivers.
+        """
+        a, b, proxy = twoBackends(self)
+        a.actions["DATA"] = b"452 4.3.1 no room\r\n"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 8)
+        self.assertEqual(replies[5], "452 4.3.1 no room")
+        self.assertTrue(replies[6].startswith("250"), replies)
+        self.assertEqual((a.messages, b.messages), ([], [BODY]))
+
+    @defer.inlineCallbacks
+    def test_goAheadTimeout(self):
+        """
+        A backend that never answers DATA costs its recipients 451 4.4.2
+        after command_timeout; the other backend delivers.
+        """
+        a, b, proxy = twoBackends(self, {"command_timeout": 0.3})
+        a.actions["DATA"] = "hang"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 8)
+        self.assertTrue(replies[5].startswith("451 4.4.2"), replies)
+        self.assertTrue(replies[6].startswith("250"), replies)
+        self.assertEqual((a.messages, b.messages), ([], [BODY]))
+
+    @defer.inlineCallbacks
+    def test_heldDataBounded(self):
+        """
+        Past MAX_HELD bytes held for a backend that has not said 354, the
+        proxy stops reading from the client until it does.
+        """
+        a, b, proxy = twoBackends(self)
+        a.actions["DATA"] = slowGoAhead(0.5)
+        client = yield proxy.connect(self)
+        body = (b"y" * 998 + b"\r\n") * 2000
+        client.send(transaction([b"x@a.test"], body=body))
+        yield waitUntil(lambda: any(s._pauses for s in proxy.factory.sessions))
+        [session] = proxy.factory.sessions
+        held = session.transaction.sessions["a"]._heldSize
+        self.assertLess(held, MAX_HELD + 2 * 65536)
+        replies = yield client.waitReplies(7)
+        self.assertTrue(replies[5].startswith("250"), replies)
+        self.assertEqual(a.messages, [body])
 
 
 class ConnectTimeoutTests(unittest.TestCase):

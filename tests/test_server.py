@@ -59,9 +59,9 @@ class StubTransaction:
     A L{lmtp_proxy.delivery.Transaction} whose every answer the test controls.
 
     In automatic mode every RCPT gets its reply from C{delivery.rcptReplies}
-    (default 250), DATA is ready at once and each accepted recipient gets
-    L{delivered}; in manual mode the Deferreds in C{rcpts}, C{dataReady} and
-    C{verdicts} wait for the test to fire them.
+    (default 250) and each accepted recipient gets L{delivered}; in manual
+    mode the Deferreds in C{rcpts} and C{verdicts} wait for the test to fire
+    them.
     """
 
     def __init__(self, delivery, client, sender, params):
@@ -73,7 +73,7 @@ class StubTransaction:
         self.accepted = []
         self.sessions = {"a": StubBackendSession()}
         self.written = []
-        self.dataReady = None
+        self.dataStarted = False
         self.pauseClient = self.resumeClient = None
         self.verdicts = None
         self.failed = []
@@ -95,10 +95,7 @@ class StubTransaction:
 
     def startData(self, pauseClient, resumeClient):
         self.pauseClient, self.resumeClient = pauseClient, resumeClient
-        self.dataReady = defer.Deferred()
-        if self.delivery.auto:
-            self.dataReady.callback(None)
-        return self.dataReady
+        self.dataStarted = True
 
     def write(self, data):
         self.written.append(data)
@@ -447,7 +444,7 @@ class SequenceAndSyntaxTests(unittest.TestCase):
         s.send(envelope([b"u@a.test"]) + b"NOOP\r\n")
         self.assertEqual(s.codes(), [220, 250, 250, 550, 503, 250])
         self.assertTrue(s.replies()[4][0].startswith(b"503 5.5.1"))
-        self.assertIsNone(s.transaction.dataReady)
+        self.assertFalse(s.transaction.dataStarted)
 
     def test_badMailSyntax(self):
         """
@@ -658,12 +655,9 @@ class PipeliningTests(unittest.TestCase):
         self.assertEqual(s.codes(), [220, 250, 250, 250])
         t.fireRcpt(1, RCPT_UNKNOWN)
         t.fireRcpt(2)
-        self.assertEqual(s.codes(), [220, 250, 250, 250, 550, 250])
+        self.assertEqual(s.codes(), [220, 250, 250, 250, 550, 250, 354])
         self.assertEqual(t.accepted, [b"x@a.test", b"z@a.test"])
-        self.assertIsNotNone(t.dataReady)
-        self.assertEqual(t.written, [])
-        t.dataReady.callback(None)
-        self.assertEqual(s.codes()[-1], 354)
+        self.assertTrue(t.dataStarted)
         self.assertEqual(t.body(), b"hello\r\n")
         self.assertEqual(len(t.verdicts), 2)
         t.verdicts[1].callback(delivered(b"z@a.test"))
@@ -699,7 +693,6 @@ class PipeliningTests(unittest.TestCase):
         s = Session(auto=False)
         s.send(envelope([b"u@a.test"]))
         s.transaction.fireRcpt(0)
-        s.transaction.dataReady.callback(None)
         s.send(b"body\r\n.\r\nMAIL FROM:<next@b>\r\n")
         self.assertEqual(len(s.delivery.transactions), 1)
         self.assertEqual(s.codes()[-1], 354)
@@ -749,7 +742,6 @@ class PipeliningTests(unittest.TestCase):
         t = s.transaction
         t.fireRcpt(0)
         t.fireRcpt(1)
-        t.dataReady.callback(None)
         s.send(b"hi\r\n.\r\nNOOP\r\n")
         t.verdicts[0].errback(RuntimeError("boom"))
         t.verdicts[1].callback(delivered(b"y@a.test"))
@@ -1214,7 +1206,6 @@ class IdleTimeoutTests(ReplyAssertions, unittest.TestCase):
         s = Session(auto=False)
         s.send(envelope([b"u@a.test"]))
         s.transaction.fireRcpt(0)
-        s.transaction.dataReady.callback(None)
         s.send(b"hi\r\n.\r\n")
         s.clock.advance(IDLE * 10)
         self.assertFalse(s.closed)
@@ -1273,7 +1264,6 @@ class DisconnectTests(unittest.TestCase):
         t = s.transaction
         t.fireRcpt(0)
         t.fireRcpt(1)
-        t.dataReady.callback(None)
         s.send(b"hi\r\n.\r\nNOOP\r\n")
         s.transport.loseConnection()
         written = s.transport.value()
@@ -1317,7 +1307,6 @@ class ShutdownTests(ReplyAssertions, unittest.TestCase):
         s.send(envelope([b"u@a.test"]))
         t = s.transaction
         t.fireRcpt(0)
-        t.dataReady.callback(None)
         s.send(b"hi\r\n")
         s.server.beginShutdown()
         self.assertFalse(s.closed)
@@ -1339,7 +1328,6 @@ class ShutdownTests(ReplyAssertions, unittest.TestCase):
         s.send(envelope([b"u@a.test"]))
         t = s.transaction
         t.fireRcpt(0)
-        t.dataReady.callback(None)
         s.server.beginShutdown()
         s.send(b"hi\r\n.\r\nMAIL FROM:<next@b>\r\n")
         t.verdicts[0].callback(delivered(b"u@a.test"))
@@ -1386,7 +1374,6 @@ class ShutdownTests(ReplyAssertions, unittest.TestCase):
         s.send(envelope([b"u@a.test"]))
         t = s.transaction
         t.fireRcpt(0)
-        t.dataReady.callback(None)
         s.send(b"hi\r\n.\r\n")
         s.server.beginShutdown()
         s.server.forceShutdown()
@@ -1561,7 +1548,6 @@ class PitfallRegressionTests(ReplyAssertions, unittest.TestCase):
         s = Session(auto=False)
         s.send(envelope([b"u@a.test"]))
         s.transaction.fireRcpt(0)
-        s.transaction.dataReady.callback(None)
         s.send(b"hi\r\n.\r\nQUIT\r\n")
         self.assertFalse(s.closed)
         self.assertEqual(s.codes()[-1], 354)
