@@ -10,9 +10,9 @@ recipients it touches.
 import os
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from lmtp_proxy.client import BackendError, BackendLost, BackendTimeout, reply
 from lmtp_proxy.routing import REJECT

@@ -140,9 +140,10 @@ def readFile(path):
 class OutputReader(threading.Thread):
     """Collects a child's stdout, line by line, as it comes."""
 
-    def __init__(self, stream):
+    def __init__(self, process):
         threading.Thread.__init__(self, daemon=True)
-        self.stream = stream
+        self.stream = process.stdout
+        process.reader = self
         self.lines = []
         self.start()
 
@@ -181,8 +182,19 @@ class DaemonTests(unittest.TestCase):
         process = subprocess.Popen(
             argv, cwd=self.dir, env=self.env, stdin=subprocess.DEVNULL,
             stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
-        self.addCleanup(killPid, process.pid, process)
+        self.addCleanup(self._stop, process)
         return process
+
+    def _stop(self, process):
+        # Stop first, then close our end of its stdout pipe (if any): a
+        # reader thread blocked in readline() holds the file's lock until
+        # the child is gone.
+        killPid(process.pid, process)
+        if process.stdout is not None:
+            reader = getattr(process, "reader", None)
+            if reader is not None:
+                reader.join(5)
+            process.stdout.close()
 
     @defer.inlineCallbacks
     def daemonPid(self, process, pidPath):
@@ -243,13 +255,13 @@ class DaemonTests(unittest.TestCase):
         self.writeConfig({"a": backend.entry}, {"alice@x.test": "a"})
         process = self.start([script("lmtp-proxy"), "-c", self.configPath],
                              stdout=subprocess.PIPE)
-        self.addCleanup(process.stdout.close)
-        out = OutputReader(process.stdout)
+        out = OutputReader(process)
         yield poll(lambda: "listening on" in out.text() or process.poll() is not None,
                    30, "the 'listening on' line on stdout")
         self.assertIsNone(process.poll(), out.text())
-        self.assertIn("127.0.0.1:%d" % (self.port,),
-                      [l for l in out.lines if "listening on" in l][0])
+        listening = [l for l in out.lines if "listening on" in l][0]
+        self.assertIn("127.0.0.1", listening)
+        self.assertIn(str(self.port), listening)
         self.assertFalse(os.path.exists(self.pidPath),
                          "the foreground form wrote config.pid")
 
