@@ -179,6 +179,7 @@ class LMTPClient(LineOnlyReceiver):
         self.extensions = {}
         self.pipelining = False
         self.greeting = None
+        self._greetingWaiter = None
 
     # IProtocol
 
@@ -191,7 +192,8 @@ class LMTPClient(LineOnlyReceiver):
             # Nagle would hold back each one behind the previous segment's
             # ACK.
             self.transport.setTcpNoDelay(True)
-        self.greeting = self._expect(self._commandTimeout).deferred
+        self._greetingWaiter = self._expect(self._commandTimeout)
+        self.greeting = self._greetingWaiter.deferred
 
     def connectionLost(self, reason=ConnectionDone):
         """
@@ -222,6 +224,12 @@ class LMTPClient(LineOnlyReceiver):
             return
         result = Reply(code, tuple(t for _, t in self._lines))
         self._lines = []
+        if code == 421:
+            # The backend is closing the connection. Passed on, a 421 would
+            # tell the client that *its* session is closing.
+            greeting = self._waiters[0] is self._greetingWaiter
+            error = BackendUnavailable if greeting else BackendLost
+            return self._fail(error("backend said %s" % (result,)))
         waiter = self._waiters.popleft()
         self._inFlight = max(0, self._inFlight - 1)
         self._armTimer()

@@ -140,7 +140,7 @@ class ProxyService(service.Service):
         self._previousSIGUSR1 = signal.signal(signal.SIGUSR1, self._sigusr1)
         self.log.info(
             "lmtp-proxy listening on {socket}, {users} users, backends: {backends}",
-            socket=self.state.config.socket,
+            socket=_describeListen(self.state.config.socket),
             users=len(self.state.config.users),
             backends=", ".join(
                 "%s (%s)" % (b.name, b.describe())

@@ -150,6 +150,23 @@ class ReplyParsingTests(unittest.TestCase):
         client.dataReceived(b"250 third\r\n")
         self.assertEqual(self.successResultOf(r), Reply(250, ("first", "second", "third")))
 
+    def test_421ClosesConnection(self):
+        """
+        A 421 means the backend is closing: it fails the command and every
+        reply still awaited with L{BackendLost} (a 451 4.4.2 for the
+        recipients), and the connection is dropped, instead of being passed
+        on as a reply of its own.
+        """
+        client, transport, clock, d = handshaken()
+        first = client.command(b"RCPT TO:<a@b>")
+        second = client.command(b"RCPT TO:<c@d>")
+        client.dataReceived(b"421 4.3.2 shutting down\r\n")
+        for r in (first, second):
+            failure = self.failureResultOf(r, BackendLost)
+            self.assertEqual(failure.value.reply.code, 451)
+            self.assertTrue(failure.value.reply.lines[0].startswith("4.4.2"))
+        self.assertFalse(client.usable)
+
     def test_replyWithoutText(self):
         """
         A bare three-digit code is a valid reply with an empty text.
