@@ -280,6 +280,20 @@ class BackendFaultTests(unittest.TestCase):
         self.assertEqual(a.messages, [])
 
     @defer.inlineCallbacks
+    def test_backend421NotRelayed(self):
+        """
+        A backend's 421 (it is closing) becomes 451 4.4.2 for its recipient:
+        passed on, it would tell the MTA its own session is closing. The
+        session goes on.
+        """
+        a, b, proxy = twoBackends(self)
+        a.actions["RCPT"] = b"421 4.3.2 shutting down\r\n"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
+        self.assertTrue(replies[2].startswith("451 4.4.2"), replies[2])
+        self.assertEqual([r[:3] for r in replies[3:]], ["250", "354", "250", "221"])
+
+    @defer.inlineCallbacks
     def test_garbageReply(self):
         """
         A backend answering RCPT with garbage gets its recipient a 451 4.4.x.
