@@ -11,6 +11,7 @@ for long, and builds the routing table there too.
 """
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 
 import lmtp_proxy
 from lmtp_proxy import config as configuration
-from lmtp_proxy.routing import RoutingTable
+from lmtp_proxy.routing import REJECT, RoutingTable
 
 
 def toPlain(loaded):
@@ -79,10 +80,21 @@ def serialize(loaded):
 def deserialize(data):
     """
     The L{configuration.Config} and L{RoutingTable} that L{serialize} wrote.
-    Decoded line by line, so a thread doing it never holds the GIL for long.
+
+    Decoded one line at a time, never in one long call (like splitting the
+    whole text at once), so that a thread doing it lets the event loop run
+    every few milliseconds.
     """
-    lines = data.splitlines()
-    new = fromPlain(json.loads(lines[0]), dict(json.loads(line) for line in lines[1:]))
+    lines = io.BytesIO(data)
+    plain = json.loads(lines.readline())
+    # One string per backend name rather than one per user.
+    names = {name: name for name in plain["backends"]}
+    names[REJECT] = REJECT
+    users = {}
+    for line in lines:
+        key, backend = json.loads(line)
+        users[key] = names.get(backend, backend)
+    new = fromPlain(plain, users)
     return new, RoutingTable.fromConfig(new)
 
 
