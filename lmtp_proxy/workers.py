@@ -26,13 +26,12 @@ import sys
 from collections import deque
 
 from twisted.internet import defer, protocol, stdio, tcp, unix
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 
 from lmtp_proxy.delivery import Delivery
 from lmtp_proxy.pool import BackendPool
-from lmtp_proxy.reloader import childEnvironment, deserialize
+from lmtp_proxy.reloader import childEnvironment, deserialize, inThread
 from lmtp_proxy.server import LMTPServerFactory
 from lmtp_proxy.state import ProxyState
 
@@ -301,9 +300,7 @@ class Worker:
         self._stopped = None
 
     def configure(self, data, generation):
-        building = deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), deserialize, data
-        )
+        building = inThread(self.reactor, deserialize, data)
 
         def built(result):
             config, table = result
