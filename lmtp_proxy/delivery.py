@@ -355,16 +355,14 @@ class BackendSession:
 
 class Recipient:
     """
-    One RCPT of a transaction.
+    One accepted RCPT of a transaction.
     """
 
-    __slots__ = ("address", "route", "session", "reply")
+    __slots__ = ("address", "route")
 
-    def __init__(self, address, route, session, result):
+    def __init__(self, address, route):
         self.address = address
         self.route = route
-        self.session = session
-        self.reply = result
 
 
 class Transaction:
@@ -411,7 +409,7 @@ class Transaction:
             session.abort()
             return ABORTED
         if result.positive:
-            self.accepted.append(Recipient(address, route, session, None))
+            self.accepted.append(Recipient(address, route))
         else:
             self._outcome(address, route, result)
         return result
