@@ -26,8 +26,9 @@ import socket
 import sys
 from typing import Callable, Sequence
 
+from lmtp_proxy.config import DEFAULT_CONFIG
+
 PROG = "lmtp-proxy"
-DEFAULT_CONFIG = "/etc/lmtp-proxy.yaml"
 DEFAULT_RELOAD_TIMEOUT = 300
 # Extra seconds the reload client waits for the reply beyond --timeout.
 REPLY_SLACK = 10.0

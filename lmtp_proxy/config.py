@@ -23,6 +23,7 @@ __all__ = [
     "Backend",
     "Config",
     "ConfigError",
+    "DEFAULT_CONFIG",
     "DEFAULT_PID",
     "REJECT",
     "describeChanges",
@@ -32,6 +33,7 @@ __all__ = [
 
 from lmtp_proxy.routing import REJECT
 
+DEFAULT_CONFIG = "/etc/lmtp-proxy.yaml"
 DEFAULT_PID = "/var/run/lmtp-proxy.pid"
 # Postfix's lmtp_data_done_timeout: the MTA gives up on us after this long.
 POSTFIX_DATA_DONE_TIMEOUT = 600

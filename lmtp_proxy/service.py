@@ -25,8 +25,6 @@ from lmtp_proxy.server import LMTPServerFactory
 from lmtp_proxy.state import DrainTimeout, ProxyState
 from lmtp_proxy.workers import Workers, listenFamily
 
-DEFAULT_CONFIG = "/etc/lmtp-proxy.yaml"
-
 
 class Options(usage.Options):
     """
@@ -39,7 +37,7 @@ class Options(usage.Options):
         "to the LMTP backend its routing table names."
     )
     optParameters = [
-        ["config", "c", DEFAULT_CONFIG, "Configuration file (YAML)."],
+        ["config", "c", configuration.DEFAULT_CONFIG, "Configuration file (YAML)."],
     ]
 
 
