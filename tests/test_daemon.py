@@ -22,6 +22,7 @@ import yaml
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from tests.peers import pidAlive, stopPid
 from tests.support import FakeBackend, connectClient, deadPort, transaction
 
 BIN = os.path.dirname(sys.executable)
@@ -37,20 +38,6 @@ def script(name):
     return path
 
 
-def pidAlive(pid):
-    """True if pid exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open("/proc/%d/stat" % (pid,), "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
-
-
 def parentOf(pid):
     with open("/proc/%d/stat" % (pid,), "rb") as f:
         return int(f.read().rsplit(b")", 1)[1].split()[1])
@@ -62,37 +49,6 @@ def readPid(path):
             return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def killPid(pid, popen=None, timeout=15.0):
-    """
-    Stop one process by its PID: SIGTERM, wait, then SIGKILL. Blocking; for
-    cleanups only.
-    """
-    if pid is None:
-        return
-
-    def alive():
-        if popen is not None:
-            return popen.poll() is None
-        return pidAlive(pid)
-
-    if not alive():
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if alive():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        if popen is not None:
-            popen.wait(5)
 
 
 def greeting(port, timeout=5.0):
@@ -189,7 +145,7 @@ class DaemonTests(unittest.TestCase):
         # Stop first, then close our end of its stdout pipe (if any): a
         # reader thread blocked in readline() holds the file's lock until
         # the child is gone.
-        killPid(process.pid, process)
+        stopPid(process.pid, 15.0, process)
         if process.stdout is not None:
             reader = getattr(process, "reader", None)
             if reader is not None:
@@ -207,7 +163,7 @@ class DaemonTests(unittest.TestCase):
                    "the daemonizing command to return")
         self.assertEqual(process.returncode, 0, readFile(out))
         pid = yield poll(lambda: readPid(pidPath), 20, "the pid file %s" % (pidPath,))
-        self.addCleanup(killPid, pid)
+        self.addCleanup(stopPid, pid, 15.0)
         return pid
 
     @defer.inlineCallbacks
