@@ -49,6 +49,18 @@ def unixListen(path, extra=""):
     return "  socket: %s\n%s" % (path, extra)
 
 
+def liveSocket(testcase, path):
+    """
+    Listen on a unix socket at C{path} until the test ends, as another
+    running server would.
+    """
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    testcase.addCleanup(live.close)
+    live.bind(path)
+    live.listen(5)
+    return live
+
+
 def staleSocket(path):
     """
     Leave a unix socket file at C{path} as a dead process would: bound,
@@ -181,10 +193,7 @@ class UnixListenerTests(unittest.TestCase):
         still accepts connections on it.
         """
         path = unixPath(self)
-        live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(live.close)
-        live.bind(path)
-        live.listen(5)
+        live = liveSocket(self, path)
         inode = os.stat(path).st_ino
         svc = proxyservice.ProxyService(
             configuration.load(writeConfig(self, unixListen(path))), reactor
@@ -206,10 +215,7 @@ class UnixListenerTests(unittest.TestCase):
         traceback), and the other listener keeps its socket.
         """
         path = unixPath(self)
-        live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(live.close)
-        live.bind(path)
-        live.listen(5)
+        liveSocket(self, path)
         inode = os.stat(path).st_ino
         cfg = writeConfig(self, unixListen(path))
         env = dict(os.environ)
@@ -234,10 +240,7 @@ class UnixListenerTests(unittest.TestCase):
         other listener keeps its socket.
         """
         path = unixPath(self)
-        live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(live.close)
-        live.bind(path)
-        live.listen(5)
+        liveSocket(self, path)
         inode = os.stat(path).st_ino
         # A FilesystemLock symlink naming a PID above any pid_max.
         os.symlink(str(2**22 + 1), path + ".lock")
