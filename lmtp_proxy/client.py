@@ -219,8 +219,9 @@ class LMTPClient(LineOnlyReceiver):
         if self._lines and code != self._lines[0][0]:
             return self._fail(BackendProtocolError("inconsistent multiline reply"))
         self._lines.append((code, text[4:]))
-        self._armTimer()
         if text[3:4] == "-":
+            # A long reply still arriving is progress: move the deadline.
+            self._armTimer()
             return
         result = Reply(code, tuple(t for _, t in self._lines))
         self._lines = []

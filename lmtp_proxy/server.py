@@ -181,7 +181,6 @@ class LMTPServer(protocol.Protocol):
             self._pause("input")
         else:
             self._resume("input")
-        self._closeIfIdle()
 
     def _consumeCommand(self):
         buf = self._buffer
@@ -208,13 +207,12 @@ class LMTPServer(protocol.Protocol):
         return True
 
     def _command(self, line):
-        verb = line.split(b" ", 1)[0].upper()
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
-            text = self._decodeUTF8(verb, line)
-            if isinstance(text, Reply):
-                self._send(text)
+            text = self._decodeAddressLine(line)
+            if text is None:
+                self._send(BAD_CHARACTERS)
                 return
         verb, _, argument = text.partition(" ")
         handler = getattr(self, "lmtp_" + verb.upper(), None)
@@ -231,22 +229,19 @@ class LMTPServer(protocol.Protocol):
         elif result is not None:
             self._send(result)
 
-    def _decodeUTF8(self, verb, line):
+    def _decodeAddressLine(self, line):
         """
-        Non-ASCII bytes are only valid as UTF-8 addresses in MAIL (with the
-        SMTPUTF8 parameter) and RCPT of such a transaction.
+        Non-ASCII bytes can only be a UTF-8 address (RFC 6531), in MAIL or
+        RCPT; those commands decide whether their transaction allows one.
+
+        @return: the decoded line, or C{None}.
         """
-        utf8 = (verb == b"MAIL" and b"SMTPUTF8" in line.upper()) or (
-            verb == b"RCPT" and self._utf8
-        )
-        if verb in (b"MAIL", b"RCPT") and not utf8:
-            return NOT_UTF8_ENABLED
-        if not utf8:
-            return BAD_CHARACTERS
+        if line[:5].upper() not in (b"MAIL ", b"RCPT "):
+            return None
         try:
             return line.decode("utf-8")
         except UnicodeDecodeError:
-            return BAD_CHARACTERS
+            return None
 
     def _wait(self, deferred):
         self._busy = True
@@ -341,7 +336,6 @@ class LMTPServer(protocol.Protocol):
                 return reply(552, "5.3.4 Message size exceeds fixed limit")
         utf8 = any(key == b"SMTPUTF8" for key, _ in parsed.params)
         if not (utf8 or parsed.address.isascii()):
-            # _decodeUTF8 only looked for "SMTPUTF8" anywhere in the line.
             return NOT_UTF8_ENABLED
         self._utf8 = utf8
         self.transaction = self.delivery.begin(
@@ -356,6 +350,8 @@ class LMTPServer(protocol.Protocol):
         if isinstance(parsed, Reply):
             return parsed
         address = parsed.address
+        if not (self._utf8 or address.isascii()):
+            return NOT_UTF8_ENABLED
         mailbox = address.rsplit(":", 1)[-1] if address.startswith("@") else address
         if not mailbox or mailbox.startswith("@") or mailbox.endswith("@"):
             return reply(501, "5.1.3 Bad recipient address syntax")

@@ -108,6 +108,9 @@ class Workers:
 
     log = Logger()
     RESPAWN_DELAY = 1.0
+    # Seconds a worker gets to answer a request (taking in a configuration
+    # of 100,000 users takes it about 2 s), beyond any wait it was asked for.
+    ANSWER_TIME = 60.0
 
     def __init__(self, reactor, count, listeningPort, family):
         self._reactor = reactor
@@ -158,7 +161,8 @@ class Workers:
         @return: a L{Deferred} firing with the number still running.
         """
         asked = [
-            worker.request("wait %d %s" % (generation, timeout)).addCallback(_count)
+            self._ask(worker, "wait %d %s" % (generation, timeout), timeout + self.ANSWER_TIME)
+            .addCallback(lambda line: 0 if line is None else _count(line))
             for worker in self._processes.values()
         ]
         return defer.gatherResults(asked, consumeErrors=True).addCallback(sum)
@@ -184,18 +188,41 @@ class Workers:
             env=childEnvironment(),
             childFDs={0: "w", 1: "r", 2: "r", 3: self._fd},
         )
-        configured = worker.configured = self._sendConfig(worker)
-        configured.addErrback(
-            lambda failure: self.log.failure(
-                "worker {n}: configuration not taken", failure, n=number
-            )
-        )
-        return configured
+        worker.configured = self._sendConfig(worker)
+        return worker.configured
 
     def _sendConfig(self, worker):
-        return worker.request(
-            "config %d %d" % (self._generation, len(self._data)), self._data
+        return self._ask(
+            worker,
+            "config %d %d" % (self._generation, len(self._data)),
+            self.ANSWER_TIME,
+            self._data,
         )
+
+    def _ask(self, worker, line, timeout, payload=b""):
+        """
+        Send a request that C{worker} must answer within C{timeout} seconds.
+        One that does not is hung: it is killed (and started again with the
+        configuration in force), so a reload or a barrier never waits on it
+        forever.
+
+        @return: a L{Deferred} firing with the reply line, or with C{None}
+            once a hung worker has exited.
+        """
+        asking = worker.request(line, payload).addTimeout(timeout, self._reactor)
+
+        def hung(failure):
+            self.log.error(
+                "worker {number} did not answer {request!r} ({error}); killing it",
+                number=worker.number,
+                request=line,
+                error=failure.getErrorMessage(),
+            )
+            if not worker.exited.called:
+                worker.transport.signalProcess("KILL")
+            return worker.exited.addCallback(lambda _: None)
+
+        return asking.addErrback(hung)
 
     def _ended(self, worker, reason):
         if self._processes.get(worker.number) is not worker:

@@ -239,7 +239,7 @@ def stopPid(pid, timeout=10.0, popen=None):
             time.sleep(0.05)
 
 
-def _readPidFile(path):
+def readPidFile(path):
     try:
         with open(path) as f:
             return int(f.read().split()[0])
@@ -1024,7 +1024,7 @@ class PostfixClient(object):
         start = self.postfix("start")
         if start.returncode != 0:
             raise FailTest("postfix start failed: %s %s" % (start.stdout, _tail(self.maillog)))
-        self.pid = waitFor(lambda: _readPidFile(os.path.join(self.spool, "pid", "master.pid")),
+        self.pid = waitFor(lambda: readPidFile(os.path.join(self.spool, "pid", "master.pid")),
                            10, what="postfix master.pid")
         waitFor(lambda: canConnect(("127.0.0.1", self.smtpPort)), 15,
                 what="postfix smtpd on 127.0.0.1:%d" % (self.smtpPort,))
@@ -1171,6 +1171,6 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         return [l for l in self.log().splitlines() if key in l and "status=" in l]
 
     def stop(self):
-        pid = _readPidFile(os.path.join(self.spool, "pid", "master.pid"))
+        pid = readPidFile(os.path.join(self.spool, "pid", "master.pid"))
         if pid is not None:
             stopPid(pid, timeout=10)

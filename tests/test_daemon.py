@@ -22,7 +22,7 @@ import yaml
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from tests.peers import pidAlive, stopPid
+from tests.peers import pidAlive, readPidFile, stopPid
 from tests.support import FakeBackend, connectClient, deadPort, transaction
 
 BIN = os.path.dirname(sys.executable)
@@ -41,14 +41,6 @@ def script(name):
 def parentOf(pid):
     with open("/proc/%d/stat" % (pid,), "rb") as f:
         return int(f.read().rsplit(b")", 1)[1].split()[1])
-
-
-def readPid(path):
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def greeting(port, timeout=5.0):
@@ -162,7 +154,7 @@ class DaemonTests(unittest.TestCase):
         yield poll(lambda: process.poll() is not None, 30,
                    "the daemonizing command to return")
         self.assertEqual(process.returncode, 0, readFile(out))
-        pid = yield poll(lambda: readPid(pidPath), 20, "the pid file %s" % (pidPath,))
+        pid = yield poll(lambda: readPidFile(pidPath), 20, "the pid file %s" % (pidPath,))
         self.addCleanup(stopPid, pid, 15.0)
         return pid
 

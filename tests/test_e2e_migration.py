@@ -324,6 +324,21 @@ class MigrationTests(unittest.TestCase):
             [l for l in mta.deliveries(STAYER) if "status=sent" not in l],
             context())
 
+    def holdOpen(self, proxy, start):
+        """
+        Begin a delivery for MOVER through the proxy and send C{start} of its
+        message, leaving it open; return the client.
+        """
+        c = peers.LMTPClient(proxy.target)
+        self.addCleanup(c.close)
+        c.lhlo()
+        c.send(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
+               % (SENDER.encode(), MOVER.encode()))
+        replies = [c.readReply() for i in range(3)]
+        self.assertEqual([r.code for r in replies], [250, 250, 354], c.received)
+        c.send(start)
+        return c
+
     def test_reloadWaitWaitsForDeliveryInFlight(self):
         """
         `lmtp-proxy reload --wait` does not return while a transaction begun
@@ -340,15 +355,8 @@ class MigrationTests(unittest.TestCase):
         proxy = peers.Proxy(self, config)
         command = lmtpProxyCommand()
 
-        c = peers.LMTPClient(proxy.target)
-        self.addCleanup(c.close)
-        c.lhlo()
-        c.send(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
-               % (SENDER.encode(), MOVER.encode()))
-        replies = [c.readReply() for i in range(3)]
-        self.assertEqual([r.code for r in replies], [250, 250, 354], c.received)
-        c.send(b"X-Mig-Seq: 1\r\nSubject: in flight\r\n\r\n"
-               + b"first half of the message\r\n" * 200)
+        c = self.holdOpen(proxy, b"X-Mig-Seq: 1\r\nSubject: in flight\r\n\r\n"
+                          + b"first half of the message\r\n" * 200)
 
         config["users"] = {MOVER: "reject"}
         proxy.writeConfig(config)
@@ -394,14 +402,7 @@ class MigrationTests(unittest.TestCase):
         proxy = peers.Proxy(self, config)
         lmtpProxyCommand()
 
-        c = peers.LMTPClient(proxy.target)
-        self.addCleanup(c.close)
-        c.lhlo()
-        c.send(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
-               % (SENDER.encode(), MOVER.encode()))
-        replies = [c.readReply() for i in range(3)]
-        self.assertEqual([r.code for r in replies], [250, 250, 354], c.received)
-        c.send(b"X-Mig-Seq: 7\r\nSubject: held open\r\n\r\nbody\r\n")
+        c = self.holdOpen(proxy, b"X-Mig-Seq: 7\r\nSubject: held open\r\n\r\nbody\r\n")
 
         config["users"] = {MOVER: "reject"}
         proxy.writeConfig(config)

@@ -11,6 +11,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from lmtp_proxy.state import DrainTimeout
+from lmtp_proxy.workers import Workers
 from tests.support import FakeBackend, connectClient, transaction, unixPath, waitUntil
 from tests.test_service import RunningProxy, captureLog
 
@@ -167,3 +168,30 @@ class WorkerTests(unittest.TestCase):
         client.send(transaction([b"one@x.test"]))
         yield client.waitReplies(7)
         self.assertEqual(len(a.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_hungWorkerDoesNotBlockReload(self):
+        """
+        A worker that does not answer a reload in time is killed and
+        started again with the new table; the reload completes.
+        """
+        self.patch(Workers, "ANSWER_TIME", 1.0)
+        a, b = FakeBackend(self), FakeBackend(self)
+        backends = {"a": a.entry, "b": b.entry}
+        proxy = WorkerProxy(self, backends, {"alice@x.test": "a"})
+        worker = yield proxy.ready()
+        worker.transport.signalProcess(signal.SIGSTOP)
+        proxy.write(backends, {"alice@x.test": "b"})
+        generation, _ = yield proxy.service.reload()
+        self.assertEqual(generation, 2)
+        self.assertTrue(worker.exited.called)
+        yield waitUntil(
+            lambda: proxy.service.workers.processes
+            and proxy.service.workers.processes[0] is not worker,
+            timeout=30,
+        )
+        yield proxy.ready()
+        client = yield connectClient(self, proxy.port)
+        client.send(transaction([b"alice@x.test"]))
+        yield client.waitReplies(7)
+        self.assertEqual((len(a.messages), len(b.messages)), (0, 1))
