@@ -27,6 +27,8 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.error import ConnectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 
+from lmtp_proxy.outbox import Outbox
+
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
 
 
@@ -52,7 +54,10 @@ class Reply:
         Return this reply with an enhanced status code (RFC 3463) on every
         line, adding the generic C{X.0.0} where the backend sent none.
         """
-        if all(_ENHANCED.match(line) for line in self.lines):
+        lines = self.lines
+        if len(lines) == 1 and _ENHANCED.match(lines[0]):
+            return self
+        if all(_ENHANCED.match(line) for line in lines):
             return self
         prefix = "%d.0.0" % (self.code // 100,)
         return Reply(
@@ -67,6 +72,8 @@ class Reply:
         """
         Encode as the bytes of a reply on the wire.
         """
+        if len(self.lines) == 1:
+            return b"%d %s\r\n" % (self.code, self.lines[0].encode("utf-8", "replace"))
         last = len(self.lines) - 1
         return b"".join(
             b"%d%s%s\r\n"
@@ -166,8 +173,9 @@ class LMTPClient(LineOnlyReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 16384
 
-    def __init__(self, clock, commandTimeout):
+    def __init__(self, clock, commandTimeout, outbox=None):
         self._clock = clock
+        self._outbox = Outbox() if outbox is None else outbox
         self._commandTimeout = commandTimeout
         self._waiters = deque()
         self._unsent = deque()
@@ -200,6 +208,23 @@ class LMTPClient(LineOnlyReceiver):
         Fail every reply still awaited.
         """
         self._fail(BackendLost(reason.getErrorMessage()))
+
+    def dataReceived(self, data):
+        """
+        Handle the reply lines with the outbox held, so what they cause to be
+        written leaves joined.
+        """
+        self._outbox.hold()
+        try:
+            LineOnlyReceiver.dataReceived(self, data)
+        finally:
+            self._outbox.release()
+
+    def sendLine(self, line):
+        """
+        Send one command line through the outbox.
+        """
+        self._outbox.write(self.transport, line + self.delimiter)
 
     def lineReceived(self, line):
         """
@@ -283,7 +308,7 @@ class LMTPClient(LineOnlyReceiver):
         Relay message bytes as they are.
         """
         if self._failure is None:
-            self.transport.write(data)
+            self._outbox.write(self.transport, data)
 
     def abort(self):
         """
@@ -400,10 +425,13 @@ def _parseExtensions(lines):
     return extensions
 
 
-def connectBackend(reactor, backend, hostname, connectTimeout, commandTimeout):
+def connectBackend(
+    reactor, backend, hostname, connectTimeout, commandTimeout, outbox=None
+):
     """
     Connect to C{backend} (a L{lmtp_proxy.config.Backend}), wait for its
-    greeting, send LHLO and authenticate.
+    greeting, send LHLO and authenticate. The client writes through
+    C{outbox} (an L{lmtp_proxy.outbox.Outbox}) if given.
 
     @return: a L{Deferred} firing with a ready L{LMTPClient}, or failing with
         a L{BackendError}.
@@ -423,7 +451,7 @@ def connectBackend(reactor, backend, hostname, connectTimeout, commandTimeout):
         endpoint = HostnameEndpoint(
             reactor, backend.host, backend.port, timeout=connectTimeout
         )
-    client = LMTPClient(reactor, commandTimeout)
+    client = LMTPClient(reactor, commandTimeout, outbox)
     factory = protocol.Factory.forProtocol(lambda: client)
     # One connection per transaction would log two lines each otherwise.
     factory.noisy = False

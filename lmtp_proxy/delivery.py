@@ -7,7 +7,7 @@ client is the reply its backend gave, and every fault becomes a 4xx for the
 recipients it touches.
 """
 
-import os
+import random
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -38,11 +38,12 @@ PARAMETER_EXTENSIONS = {
 }
 
 
-def newTransactionId():
+def newTransactionId(_random=random.Random().getrandbits):
     """
-    A short random id in the spirit of a Postfix queue id.
+    A short random id in the spirit of a Postfix queue id. Seeded once from
+    the system: not a secret, so no system call per message.
     """
-    return os.urandom(5).hex().upper()
+    return "%010X" % (_random(40),)
 
 
 def _forwarded(params, client):
@@ -65,6 +66,7 @@ class Delivery:
         self.reactor = reactor
         self.state = state
         self.pool = pool
+        self.outbox = pool.outbox
 
     def begin(self, client, sender, params):
         """
@@ -134,14 +136,23 @@ class BackendSession:
         self._heldSize = 0
         self._holding = False
 
-    @defer.inlineCallbacks
     def rcpt(self, address, params):
         """
-        Send one RCPT and return the reply for the client.
+        Send one RCPT and return a L{Deferred} firing with the reply for the
+        client.
 
         The first RCPT goes out together with the MAIL FROM, so that a
         backend offering PIPELINING costs one round trip, not two.
         """
+        client = self.client
+        if client is None or not self._mailSent:
+            return self._firstRcpt(address, params)
+        return client.command(
+            b"RCPT TO:<" + address + b">" + _forwarded(params, client)
+        ).addCallbacks(self._rcptAnswered, self._rcptFailed)
+
+    @defer.inlineCallbacks
+    def _firstRcpt(self, address, params):
         for attempt in (0, 1):
             if self.client is None and self.failure is None:
                 yield self._connect()
@@ -176,17 +187,21 @@ class BackendSession:
                     self.failure = result.withEnhancedCode()
                     self.reset()
                     return self.failure
-            try:
-                result = yield sent
-            except BackendError as e:
-                self.fail(e)
-                return self.failure
-            if result.positive:
-                self.accepted += 1
-            elif not 400 <= result.code < 600:
-                self.fail(BackendError("unexpected RCPT reply %d" % (result.code,)))
-                return self.failure
-            return result.withEnhancedCode()
+            result = yield sent.addCallbacks(self._rcptAnswered, self._rcptFailed)
+            return result
+
+    def _rcptAnswered(self, result):
+        if result.positive:
+            self.accepted += 1
+        elif not 400 <= result.code < 600:
+            self.fail(BackendError("unexpected RCPT reply %d" % (result.code,)))
+            return self.failure
+        return result.withEnhancedCode()
+
+    def _rcptFailed(self, failure):
+        failure.trap(BackendError)
+        self.fail(failure.value)
+        return self.failure
 
     @defer.inlineCallbacks
     def _connect(self):
@@ -383,10 +398,10 @@ class Transaction:
         self.accepted = []
         self._ended = False
 
-    @defer.inlineCallbacks
     def rcpt(self, address, local, domain, params):
         """
-        Route one recipient and return the reply for the client.
+        Route one recipient and return the reply for the client, or a
+        L{Deferred} firing with it.
 
         @param address: the address exactly as the client sent it (bytes).
         @param local: its local part, for routing (str).
@@ -404,7 +419,11 @@ class Transaction:
         if session is None:
             session = BackendSession(self, state.config.backends[route.backend])
             self.sessions[route.backend] = session
-        result = yield session.rcpt(address, params)
+        return session.rcpt(address, params).addCallback(
+            self._rcptAnswered, address, route, session
+        )
+
+    def _rcptAnswered(self, result, address, route, session):
         if self._ended:
             session.abort()
             return ABORTED

@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from lmtp_proxy.client import BackendError, connectBackend
+from lmtp_proxy.outbox import Outbox
 
 
 class BackendPool:
@@ -19,6 +20,9 @@ class BackendPool:
     cleanly on it; one that failed in any way is dropped. Connections are
     keyed by the backend's whole definition, so a reload that changes a
     backend's address or credentials never reuses an old connection.
+
+    @ivar outbox: the L{Outbox} the connections write through, to be shared
+        with the client sessions that use them.
     """
 
     log = Logger()
@@ -26,6 +30,7 @@ class BackendPool:
     def __init__(self, reactor, connect=connectBackend):
         self._reactor = reactor
         self._connect = connect
+        self.outbox = Outbox()
         self._idle = defaultdict(list)
         self._timers = {}
 
@@ -46,6 +51,7 @@ class BackendPool:
             config.hostname,
             config.connect_timeout,
             config.command_timeout,
+            self.outbox,
         )
 
         def failed(failure):

@@ -75,6 +75,7 @@ class LMTPServer(protocol.Protocol):
     def __init__(self, delivery):
         self.delivery = delivery
         self.clock = delivery.reactor
+        self._outbox = delivery.outbox
         self.transaction = None
         self._buffer = bytearray()
         self._greeted = False
@@ -125,7 +126,12 @@ class LMTPServer(protocol.Protocol):
             return
         self._buffer += data
         self._armIdleTimer()
-        self._process()
+        # Replies and backend commands that this input causes leave joined.
+        self._outbox.hold()
+        try:
+            self._process()
+        finally:
+            self._outbox.release()
 
     def connectionLost(self, reason=protocol.connectionDone):
         """
@@ -263,7 +269,7 @@ class LMTPServer(protocol.Protocol):
 
     def _send(self, result):
         if not self._closed:
-            self.transport.write(result.toBytes())
+            self._outbox.write(self.transport, result.toBytes())
 
     # commands
 

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
 from lmtp_proxy.client import reply
+from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.server import MAX_COMMAND_LINE, MAX_PENDING_INPUT, LMTPServer
 from lmtp_proxy.state import ProxyState
 
@@ -132,6 +133,7 @@ class StubDelivery:
     def __init__(self, clock, state, auto):
         self.reactor = clock
         self.state = state
+        self.outbox = Outbox()
         self.auto = auto
         self.rcptReplies = {}
         self.transactions = []

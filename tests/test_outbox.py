@@ -1,0 +1,198 @@
+"""
+Tests for L{lmtp_proxy.outbox}: writes that leave for the socket at once,
+joined while input is handled, and never lost or reordered.
+"""
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from lmtp_proxy.outbox import Outbox, sendNow
+from tests.support import waitUntil
+
+
+class _Collector(protocol.Protocol):
+    """
+    Keeps what arrives, one entry per C{dataReceived}.
+    """
+
+    def __init__(self):
+        self.chunks = []
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.chunks.append(data)
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+    @property
+    def received(self):
+        return b"".join(self.chunks)
+
+
+class LoopbackMixin:
+    """
+    A real TCP connection on 127.0.0.1: a sending end whose transport is a
+    C{tcp.Connection}, and a L{_Collector} end.
+    """
+
+    @defer.inlineCallbacks
+    def connect(self):
+        self.collector = _Collector()
+        port = reactor.listenTCP(
+            0, protocol.Factory.forProtocol(lambda: self.collector), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        sender = yield protocol.ClientCreator(reactor, protocol.Protocol).connectTCP(
+            "127.0.0.1", port.getHost().port
+        )
+        yield waitUntil(lambda: self.collector.transport is not None)
+        self.addCleanup(self._close, sender)
+        return sender.transport
+
+    def _close(self, sender):
+        sender.transport.abortConnection()
+        if self.collector.transport is not None:
+            self.collector.transport.abortConnection()
+        return self.collector.lost
+
+
+class SendNowTests(LoopbackMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_sentWithoutWaitingForTheReactor(self):
+        """
+        With nothing queued, the data is on the socket when C{sendNow}
+        returns: nothing is left in the transport's buffer and the reactor
+        is not asked to watch the socket for writability.
+        """
+        transport = yield self.connect()
+        sendNow(transport, b"250 2.1.0 Ok\r\n")
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(transport.dataBuffer, b"")
+        self.assertEqual(transport._tempDataBuffer, [])
+        yield waitUntil(lambda: self.collector.received == b"250 2.1.0 Ok\r\n")
+
+    @defer.inlineCallbacks
+    def test_queuedDataKeepsItsPlace(self):
+        """
+        Data Twisted still holds is not overtaken: the new data is queued
+        behind it.
+        """
+        transport = yield self.connect()
+        transport.write(b"first ")
+        sendNow(transport, b"second")
+        self.assertIn(transport, reactor.getWriters())
+        yield waitUntil(lambda: self.collector.received == b"first second")
+
+    @defer.inlineCallbacks
+    def test_fullSocketLeavesTheRestToTwisted(self):
+        """
+        What a full socket does not take is queued in the transport and
+        arrives later, complete and in order.
+        """
+        transport = yield self.connect()
+        self.collector.transport.pauseProducing()
+        # More than the socket buffers on both ends of a loopback connection.
+        data = bytes(range(256)) * 65536
+        sendNow(transport, data)
+        self.assertIn(transport, reactor.getWriters())
+        self.collector.transport.resumeProducing()
+        yield waitUntil(lambda: len(self.collector.received) == len(data), timeout=30)
+        self.assertEqual(self.collector.received, data)
+
+    @defer.inlineCallbacks
+    def test_closingTransportStillSendsThenCloses(self):
+        """
+        Data written after C{loseConnection} goes through Twisted, which
+        sends it before closing, as it would for C{transport.write}.
+        """
+        transport = yield self.connect()
+        transport.loseConnection()
+        sendNow(transport, b"221 2.0.0 Bye\r\n")
+        yield self.collector.lost
+        self.assertEqual(self.collector.received, b"221 2.0.0 Bye\r\n")
+
+    @defer.inlineCallbacks
+    def test_abortedTransportSendsNothing(self):
+        """
+        After C{abortConnection} nothing more leaves: an aborted backend
+        transaction must never get its final dot.
+        """
+        transport = yield self.connect()
+        transport.abortConnection()
+        sendNow(transport, b".\r\n")
+        yield self.collector.lost
+        self.assertEqual(self.collector.received, b"")
+
+    def test_otherTransportsUseWrite(self):
+        """
+        A transport that is not a TCP or UNIX connection gets a plain
+        C{write}.
+        """
+        transport = StringTransport()
+        sendNow(transport, b"hello")
+        self.assertEqual(transport.value(), b"hello")
+
+
+class OutboxTests(LoopbackMixin, unittest.TestCase):
+    def test_writesAtOnceWhenNotHeld(self):
+        """
+        Outside a hold a write is sent at once.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        outbox.write(transport, b"one")
+        self.assertEqual(transport.value(), b"one")
+
+    def test_heldWritesLeaveAtRelease(self):
+        """
+        Writes made while held wait for the release, and leave in order.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        outbox.hold()
+        outbox.write(transport, b"MAIL FROM:<a@b>\r\n")
+        outbox.write(transport, b"RCPT TO:<c@d>\r\n")
+        self.assertEqual(transport.value(), b"")
+        outbox.release()
+        self.assertEqual(transport.value(), b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
+
+    def test_nestedHoldsReleaseAtTheOutermost(self):
+        """
+        Only the release of the outermost hold sends.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        outbox.hold()
+        outbox.hold()
+        outbox.write(transport, b"x")
+        outbox.release()
+        self.assertEqual(transport.value(), b"")
+        outbox.release()
+        self.assertEqual(transport.value(), b"x")
+
+    def test_eachTransportGetsItsOwn(self):
+        """
+        Held writes are kept apart per transport.
+        """
+        outbox, a, b = Outbox(), StringTransport(), StringTransport()
+        outbox.hold()
+        outbox.write(a, b"a1 ")
+        outbox.write(b, b"b1 ")
+        outbox.write(a, b"a2")
+        outbox.release()
+        self.assertEqual((a.value(), b.value()), (b"a1 a2", b"b1 "))
+
+    @defer.inlineCallbacks
+    def test_heldWritesLeaveInOneSend(self):
+        """
+        Writes held together reach the peer in one piece, not one segment
+        each.
+        """
+        transport = yield self.connect()
+        outbox = Outbox()
+        outbox.hold()
+        for n in range(5):
+            outbox.write(transport, b"250 2.1.5 recipient %d\r\n" % (n,))
+        outbox.release()
+        expected = b"".join(b"250 2.1.5 recipient %d\r\n" % (n,) for n in range(5))
+        yield waitUntil(lambda: self.collector.received == expected)
+        self.assertEqual(self.collector.chunks, [expected])
