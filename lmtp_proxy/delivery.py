@@ -135,6 +135,7 @@ class BackendSession:
         self._held = None
         self._heldSize = 0
         self._holding = False
+        self._unanswered = 0
 
     def rcpt(self, address, params):
         """
@@ -155,7 +156,12 @@ class BackendSession:
     def _firstRcpt(self, address, params):
         for attempt in (0, 1):
             if self.client is None and self.failure is None:
-                yield self._connect()
+                try:
+                    self.client, self._reused = yield self.transaction.delivery.pool.acquire(
+                        self.backend, self.config
+                    )
+                except BackendError as e:
+                    self.failure = e.reply
             if self.failure is not None:
                 return self.failure
             client = self.client
@@ -202,15 +208,6 @@ class BackendSession:
         failure.trap(BackendError)
         self.fail(failure.value)
         return self.failure
-
-    @defer.inlineCallbacks
-    def _connect(self):
-        try:
-            self.client, self._reused = yield self.transaction.delivery.pool.acquire(
-                self.backend, self.config
-            )
-        except BackendError as e:
-            self.failure = e.reply
 
     def startData(self, pauseClient, resumeClient):
         """
@@ -295,9 +292,16 @@ class BackendSession:
         self._stopStreaming()
         client.writeData(b".\r\n")
         replies = client.expectReplies(self.accepted, self.config.data_timeout)
-        results = [d.addCallbacks(self._finalReply, self._finalFailure) for d in replies]
-        defer.DeferredList(replies).addCallback(self._finished, client)
-        return results
+        self._unanswered = len(replies)
+        return [
+            d.addCallbacks(
+                self._finalReply,
+                self._finalFailure,
+                callbackArgs=(client,),
+                errbackArgs=(client,),
+            )
+            for d in replies
+        ]
 
     def fail(self, error):
         """
@@ -333,18 +337,25 @@ class BackendSession:
             if self.client is not None and self.client.transport is not None:
                 self.client.transport.unregisterProducer()
 
-    def _finalReply(self, result):
+    def _finalReply(self, result, client):
         if 200 <= result.code < 600:
-            return result.withEnhancedCode()
-        self._repliesFailed = True
-        return BackendError("unexpected reply %d after DATA" % (result.code,)).reply
+            result = result.withEnhancedCode()
+        else:
+            self._repliesFailed = True
+            result = BackendError("unexpected reply %d after DATA" % (result.code,)).reply
+        self._answered(client)
+        return result
 
-    def _finalFailure(self, failure):
-        failure.trap(BackendError)
+    def _finalFailure(self, failure, client):
         self._repliesFailed = True
+        self._answered(client)
+        failure.trap(BackendError)
         return failure.value.reply
 
-    def _finished(self, ignored, client):
+    def _answered(self, client):
+        self._unanswered -= 1
+        if self._unanswered:
+            return
         self.client = None
         if self._repliesFailed or not client.usable:
             client.abort()
@@ -397,6 +408,7 @@ class Transaction:
         self.sessions = {}
         self.accepted = []
         self._ended = False
+        self._unsettled = 0
 
     def rcpt(self, address, local, domain, params):
         """
@@ -459,9 +471,11 @@ class Transaction:
         results = []
         for recipient in self.accepted:
             d = next(pending[recipient.route.backend])
-            d.addCallback(self._delivered, recipient)
+            d.addCallback(self._delivered, recipient).addBoth(self._settled)
             results.append(d)
-        defer.DeferredList(results).addCallback(lambda _: self._end())
+        self._unsettled = len(results)
+        if not results:
+            self._end()
         return results
 
     def fail(self, result):
@@ -500,6 +514,12 @@ class Transaction:
 
     def _delivered(self, result, recipient):
         self._outcome(recipient.address, recipient.route, result)
+        return result
+
+    def _settled(self, result):
+        self._unsettled -= 1
+        if not self._unsettled:
+            self._end()
         return result
 
     def _end(self):
