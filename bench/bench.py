@@ -173,9 +173,11 @@ def main():
         probs = routing_check(name, port, sinks)
         failures += ["routing check %s: %s" % (name, p) for p in probs]
 
-    idle_rss = C.rss_kb(proxy.pid) if proxy else None
+    # Per process: the largest of the master and its workers.
+    idle_rss = C.largest_kb(C.rss_kb, proxy.pids()) if proxy else None
     if proxy:
-        C.reset_hwm(proxy.pid)
+        for pid in proxy.pids():
+            C.reset_hwm(pid)
 
     cells = []
     for size in a.sizes:
@@ -224,8 +226,8 @@ def main():
                     C.log("FAIL " + msg)
                     errs[tname].append("counters " + str(delta))
                     failures.append(msg)
-        hwm = C.hwm_kb(proxy.pid) if proxy and proxy.alive() else None
-        rss = C.rss_kb(proxy.pid) if proxy and proxy.alive() else None
+        hwm = C.largest_kb(C.hwm_kb, proxy.pids()) if proxy and proxy.alive() else None
+        rss = C.largest_kb(C.rss_kb, proxy.pids()) if proxy and proxy.alive() else None
         res = {"size": size, "s": s, "r": r, "conn": conn, "n": n,
                "rates": rates, "errs": errs, "hwm": hwm, "rss": rss}
         results.append(res)
@@ -233,7 +235,7 @@ def main():
     elapsed = time.time() - t_start
 
     counters = {x.name: x.counters() for x in sinks}
-    final_hwm = C.hwm_kb(proxy.pid) if proxy and proxy.alive() else None
+    final_hwm = C.largest_kb(C.hwm_kb, proxy.pids()) if proxy and proxy.alive() else None
     md = render(a, results, [t for t, _ in targets], cmdline, envdesc, wd,
                 idle_rss, final_hwm, counters, failures, elapsed, proxy)
     C.update_section(a.results, "machine", "## Machine and versions\n\n"
@@ -306,7 +308,8 @@ def render(a, results, tnames, cmdline, envdesc, wd, idle_rss, final_hwm,
     out.append("")
     if proxy:
         out.append("Our proxy: `%s` (pid %d), RSS idle before the matrix %s, "
-                   "peak RSS (VmHWM) over the whole matrix %s."
+                   "peak RSS (VmHWM) over the whole matrix %s (each figure is "
+                   "the largest of the master's and the workers')."
                    % (" ".join(proxy.argv), proxy.pid,
                       C.mb(idle_rss) if idle_rss else "?",
                       C.mb(final_hwm) if final_hwm else "? (process gone)"))

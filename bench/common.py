@@ -198,6 +198,29 @@ def hwm_kb(pid):
     return proc_status(pid)["VmHWM"]
 
 
+def with_children(pid):
+    """C{pid} and the PIDs of its children."""
+    pids = [pid]
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            pids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
+def largest_kb(read, pids):
+    """The largest of C{read(pid)} (rss_kb, hwm_kb) over the C{pids} that
+    still exist."""
+    values = []
+    for pid in pids:
+        try:
+            values.append(read(pid))
+        except OSError:
+            pass
+    return max(values)
+
+
 def reset_hwm(pid):
     """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
     try:
@@ -309,14 +332,7 @@ class DovecotProxy:
 
     def lmtp_pids(self):
         """PIDs of the master and its children (lmtp workers etc.)."""
-        pids = [self.proc.pid]
-        try:
-            with open("/proc/%d/task/%d/children"
-                      % (self.proc.pid, self.proc.pid)) as f:
-                pids += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-        return pids
+        return with_children(self.proc.pid)
 
 
 DOVECOT_CONF = """\
@@ -366,15 +382,17 @@ def venv_dir():
     return os.path.abspath(os.environ.get("VENV") or os.path.join(REPO, ".venv"))
 
 
-def proxy_yaml(port, backends, users, extra_config=""):
+def proxy_yaml(port, backends, users, extra_config="", workers=None):
     """backends: {name: port}; users: list of (key, backend) in order."""
+    if workers is None:
+        # One serving process per core, as Dovecot runs one lmtp process
+        # per connection; WORKERS=1 measures a single process.
+        workers = int(os.environ.get("WORKERS") or os.cpu_count() or 1)
     lines = ["config:",
              "  socket: [127.0.0.1, %d]" % port,
              "  ignoreDomain: false",
              "  pool_size: 8",
-             # One serving process per core, as Dovecot runs one lmtp
-             # process per connection; WORKERS=1 measures a single process.
-             "  workers: %d" % int(os.environ.get("WORKERS") or os.cpu_count() or 1)]
+             "  workers: %d" % workers]
     if extra_config:
         lines.append(extra_config.rstrip("\n"))
     lines.append("backends:")
@@ -396,14 +414,15 @@ class OurProxy:
     """twistd -n lmtp-proxy from $VENV (default REPO/.venv)."""
 
     def __init__(self, workdir, yaml_text=None, backends=None, users=None,
-                 name="proxy", port=None, timeout=60.0):
+                 name="proxy", port=None, timeout=60.0, workers=None):
         self.dir = d = os.path.join(workdir, name)
         os.makedirs(d, exist_ok=True)
         self.name = name
         self.port = port or free_port()
         self.config = os.path.join(d, "proxy.yaml")
         if yaml_text is None:
-            yaml_text = proxy_yaml(self.port, backends, users or BENCH_USERS)
+            yaml_text = proxy_yaml(self.port, backends, users or BENCH_USERS,
+                                   workers=workers)
         with open(self.config, "w") as f:
             f.write(yaml_text)
         self.venv = venv_dir()
@@ -432,6 +451,10 @@ class OurProxy:
 
     def alive(self):
         return self.proc.poll() is None
+
+    def pids(self):
+        """The master's PID and its workers'."""
+        return with_children(self.pid)
 
 
 def tail(path, n=30):

@@ -200,7 +200,10 @@ def main():
     B = C.Sink(wd, "sinkB")
     sinks = [A, B]
     try:
-        proxy = C.OurProxy(wd, backends={"sinkA": A.port, "sinkB": B.port})
+        # One process, so that every session and message is in the process
+        # measured.
+        proxy = C.OurProxy(wd, backends={"sinkA": A.port, "sinkB": B.port},
+                           workers=1)
     except C.Fail as e:
         C.log("FAIL: our proxy did not start:\n%s" % e)
         C.update_section(a.results, "memory",

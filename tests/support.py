@@ -43,6 +43,10 @@ class FakeBackendProtocol(LineReceiver):
         if self.inData:
             backend.aborted.append(bytes(self.data))
 
+    def dataReceived(self, data):
+        self.factory.received.append(data)
+        LineReceiver.dataReceived(self, data)
+
     def _answer(self, text):
         if text is not None:
             self.transport.write(text if isinstance(text, bytes) else text.encode())
@@ -137,6 +141,7 @@ class FakeBackend(protocol.Factory):
         C{"pause"} (stop reading from the socket once DATA is answered).
     @ivar messages: each complete message as received (still dot-stuffed).
     @ivar aborted: message bytes of connections closed before the final dot.
+    @ivar received: every chunk read from any connection, as read.
     """
 
     protocol = FakeBackendProtocol
@@ -153,6 +158,7 @@ class FakeBackend(protocol.Factory):
         self.commands = []
         self.messages = []
         self.aborted = []
+        self.received = []
         self.connections = 0
         self.open = set()
         if unix is None:

@@ -116,6 +116,30 @@ class TransactionTests(unittest.TestCase):
         self.assertEqual(b.messages, [BODY])
 
     @defer.inlineCallbacks
+    def test_mailAndFirstRcptInOneSegment(self):
+        """
+        The MAIL and the first RCPT that a client's RCPT causes reach a
+        PIPELINING backend in one segment.
+        """
+        a, b, proxy = twoBackends(self)
+        client = yield proxy.connect(self)
+        yield exchange(client, b"LHLO client.test\r\n", 1)
+        yield exchange(client, b"MAIL FROM:<s@example.test>\r\n", 1)
+        yield exchange(client, b"RCPT TO:<x@a.test>\r\n", 1)
+        self.assertIn(b"MAIL FROM:<s@example.test>\r\nRCPT TO:<x@a.test>\r\n", a.received)
+
+    @defer.inlineCallbacks
+    def test_heldMessageAndDotInOneSegment(self):
+        """
+        A short message held until the backend's 354 leaves with its final
+        dot in one segment.
+        """
+        a, b, proxy = twoBackends(self)
+        client = yield proxy.connect(self)
+        yield exchange(client, b"LHLO client.test\r\n" + mail([b"x@a.test"]), 5)
+        self.assertIn(BODY + b".\r\n", a.received)
+
+    @defer.inlineCallbacks
     def test_severalTransactionsPerConnection(self):
         """
         One client connection can carry several transactions; each one

@@ -641,6 +641,18 @@ class PipeliningTests(unittest.TestCase):
     answer (pitfalls 7 and 8).
     """
 
+    def test_repliesToOneChunkLeaveInOneWrite(self):
+        """
+        The replies that one chunk of pipelined commands gets at once leave
+        in a single write, not one segment each.
+        """
+        s = Session()
+        writes = []
+        s.transport.write = writes.append
+        s.send(b"LHLO client.test\r\nNOOP\r\nNOOP\r\nRSET\r\n")
+        self.assertEqual(len(writes), 1)
+        self.assertEqual([r[-1][:3] for r in parseReplies(writes[0])], [b"250"] * 4)
+
     def test_lateAnswersInOrder(self):
         """
         A whole transaction and QUIT in one write: each RCPT is answered only
