@@ -241,15 +241,18 @@ class LMTPClient(LineOnlyReceiver):
         ):
             return self._fail(BackendProtocolError("bad reply line"))
         code = int(text[:3])
-        if self._lines and code != self._lines[0][0]:
-            return self._fail(BackendProtocolError("inconsistent multiline reply"))
-        self._lines.append((code, text[4:]))
-        if text[3:4] == "-":
-            # A long reply still arriving is progress: move the deadline.
-            self._armTimer()
-            return
-        result = Reply(code, tuple(t for _, t in self._lines))
-        self._lines = []
+        if not self._lines and text[3:4] != "-":
+            result = Reply(code, (text[4:],))
+        else:
+            if self._lines and code != self._lines[0][0]:
+                return self._fail(BackendProtocolError("inconsistent multiline reply"))
+            self._lines.append((code, text[4:]))
+            if text[3:4] == "-":
+                # A long reply still arriving is progress: move the deadline.
+                self._armTimer()
+                return
+            result = Reply(code, tuple(t for _, t in self._lines))
+            self._lines = []
         if code == 421:
             # The backend is closing the connection. Passed on, a 421 would
             # tell the client that *its* session is closing.
