@@ -165,7 +165,7 @@ def read_log_since(path, pos):
 
 
 RELOAD_RE = re.compile(r"(?<![@.\w])reload(?:ed|ing)?\b(?!\.test)", re.I)
-DUR_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|sec|seconds)\b")
+DUR_RE = re.compile(r"\bin (\d+(?:\.\d+)?)\s*(ms|s|sec|seconds)\b")
 
 
 def main():

@@ -24,6 +24,9 @@ def sendNow(transport, data):
     error) goes through C{transport.write}, so ordering, C{loseConnection},
     C{abortConnection} and error reporting stay Twisted's.
     """
+    # _aborting and _tempDataBuffer are Twisted's own; should a release
+    # rename them, every write falls back to transport.write, which is slower
+    # but still right (tests.test_outbox notices).
     if (
         isinstance(transport, tcp.Connection)
         and transport.connected
