@@ -2,6 +2,7 @@
 The twistd service: listening, reload on SIGUSR1, graceful stop.
 """
 
+import gc
 import grp
 import os
 import pwd
@@ -146,6 +147,10 @@ class ProxyService(service.Service):
             )
             or "none",
         )
+        # What is loaded by now (Twisted, the configuration, the table) lives
+        # as long as the process. Left to the collector, every full pass
+        # walks it again: about 30 ms in which no session is served.
+        gc.freeze()
 
     def stopService(self):
         """

@@ -20,6 +20,7 @@ A worker's log events arrive on its standard error and are logged by the
 master, each line prefixed with the worker's number.
 """
 
+import gc
 import signal
 import socket
 import sys
@@ -346,6 +347,8 @@ class Worker:
                     self.port.startListening()
                 else:
                     self.port = self.reactor.adoptStreamPort(3, self.family, self.factory)
+                # As in the master (ProxyService.startService).
+                gc.freeze()
             else:
                 self.state.swap(config, table, generation)
 
