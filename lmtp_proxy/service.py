@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from lmtp_proxy import config as configuration
+from lmtp_proxy.cli import describeListen
 from lmtp_proxy.control import ControlFactory, controlAddress
 from lmtp_proxy.delivery import Delivery
 from lmtp_proxy.pool import BackendPool
@@ -95,18 +96,25 @@ class ProxyService(service.Service):
                     self.factory,
                     mode=0o666 if listen.permissions is None else listen.permissions,
                 )
+                self._listeners.append(port)
                 uid, gid = _socketOwner(listen)
                 if (uid, gid) != (-1, -1):
                     os.chown(listen.socket, uid, gid)
             else:
                 host, number = listen.socket
-                port = self.reactor.listenTCP(number, self.factory, interface=host)
+                self._listeners.append(
+                    self.reactor.listenTCP(number, self.factory, interface=host)
+                )
         except CannotListenError as e:
             # Before the reactor runs, twistd would print a traceback.
             raise SystemExit(
-                "lmtp-proxy: cannot listen on %s: %s" % (_describeListen(listen.socket), e.socketError)
+                "lmtp-proxy: cannot listen on %s: %s" % (describeListen(listen), e.socketError)
             )
-        self._listeners.append(port)
+        except OSError as e:
+            # Removing a stale socket or giving it its owner failed.
+            raise SystemExit(
+                "lmtp-proxy: cannot listen on %s: %s" % (describeListen(listen), e)
+            )
         control = self.controlAddress
         if not control.startswith("\0"):
             _removeStaleSocket(control)
@@ -139,7 +147,7 @@ class ProxyService(service.Service):
         self._previousSIGUSR1 = signal.signal(signal.SIGUSR1, self._sigusr1)
         self.log.info(
             "lmtp-proxy listening on {socket}, {users} users, backends: {backends}",
-            socket=_describeListen(self.state.config.socket),
+            socket=describeListen(self.state.config),
             users=len(self.state.config.users),
             backends=", ".join(
                 "%s (%s)" % (b.name, b.describe())
@@ -196,9 +204,17 @@ class ProxyService(service.Service):
     # reload
 
     def _sigusr1(self, signum, frame):
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self._reloadOnSignal)
         if callable(self._previousSIGUSR1):
             self._previousSIGUSR1(signum, frame)
+
+    def _reloadOnSignal(self):
+        def failed(failure):
+            # A refused file is already logged, in one line, by reload.
+            if not failure.check(configuration.ConfigError):
+                self.log.failure("reload failed", failure)
+
+        self.reload().addErrback(failed)
 
     def reload(self):
         """
@@ -230,14 +246,6 @@ class ProxyService(service.Service):
                 seconds=time.monotonic() - started,
                 summary=summary,
             )
-            restart = [
-                k for k in configuration.RESTART_KEYS if getattr(old, k) != getattr(new, k)
-            ]
-            if restart:
-                self.log.warn(
-                    "reload: {keys} changed; that takes effect only after a restart",
-                    keys=", ".join(restart),
-                )
             return configured.addCallback(lambda _: (generation, summary))
 
         def refused(failure):
@@ -260,12 +268,6 @@ class _ControlPort(unix.Port):
 
     def _logConnectionLostMsg(self):
         pass
-
-
-def _describeListen(address):
-    if isinstance(address, str):
-        return address
-    return "[%s]:%d" % address if ":" in address[0] else "%s:%d" % address
 
 
 def _removeStaleSocket(path):

@@ -97,6 +97,28 @@ class UnixListenerTests(unittest.TestCase):
     A unix listening socket.
     """
 
+
+    def test_chownRefusedIsOneLine(self):
+        """
+        When the socket cannot be given its owner (twistd not started as
+        root), startup fails with a one-line SystemExit naming the socket,
+        not a traceback.
+        """
+        def refuse(path, uid, gid):
+            raise PermissionError(1, "Operation not permitted", path)
+
+        self.patch(proxyservice.os, "chown", refuse)
+        path = unixPath(self)
+        svc = proxyservice.ProxyService(
+            configuration.load(writeConfig(self, unixListen(path, "  owner: %s\n" % (OWNER,)))),
+            reactor,
+        )
+        self.addCleanup(svc.stopService)
+        error = self.assertRaises(SystemExit, svc.privilegedStartService)
+        self.assertIn(path, str(error))
+        self.assertIn("Operation not permitted", str(error))
+        self.assertEqual(len(str(error).splitlines()), 1)
+
     @defer.inlineCallbacks
     def test_listensAndGreets(self):
         """

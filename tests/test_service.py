@@ -235,6 +235,23 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(proxy.service.state.table.route("alice", "x.test").backend, "b")
         self.assertEqual(called, [signal.SIGUSR1])
 
+    @defer.inlineCallbacks
+    def test_sigusr1BrokenFileOneLine(self):
+        """
+        A broken file reloaded by SIGUSR1 is logged in the one "reload
+        refused" line only: no unhandled error and no traceback follow.
+        """
+        log = captureLog(self)
+        a = FakeBackend(self)
+        proxy = RunningProxy(self, {"a": a.entry}, {"alice@x.test": "a"})
+        proxy.write(None, None, text="config:\n  socket: [127.0.0.1, 1]\nusers:\n  bob: nowhere\n")
+        proxy.service._sigusr1(signal.SIGUSR1, None)
+        yield waitUntil(lambda: any(l.startswith("reload refused") for l in log))
+        gc.collect()
+        yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual([l for l in log if "nhandled" in l or "Traceback" in l], [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
 
 class BarrierTests(unittest.TestCase):
     """
