@@ -95,10 +95,12 @@ class WorkerProcess(protocol.ProcessProtocol):
             )
 
     def processEnded(self, reason):
+        # Exited first: whoever waits on a reply then knows there is
+        # nothing left to kill.
+        self.exited.callback(None)
         replies, self._replies = self._replies, deque()
         for waiter in replies:
             waiter.errback(reason)
-        self.exited.callback(None)
         self._ended(self, reason)
 
 
@@ -213,14 +215,16 @@ class Workers:
         asking = worker.request(line, payload).addTimeout(timeout, self._reactor)
 
         def hung(failure):
+            if worker.exited.called:
+                # It died meanwhile; _ended starts it again.
+                return None
             self.log.error(
                 "worker {number} did not answer {request!r} ({error}); killing it",
                 number=worker.number,
                 request=line,
                 error=failure.getErrorMessage(),
             )
-            if not worker.exited.called:
-                worker.transport.signalProcess("KILL")
+            worker.transport.signalProcess("KILL")
             return worker.exited.addCallback(lambda _: None)
 
         return asking.addErrback(hung)
@@ -228,8 +232,10 @@ class Workers:
     def _ended(self, worker, reason):
         if self._processes.get(worker.number) is not worker:
             return
+        # Gone at once, so a reload or barrier meanwhile does not wait on it;
+        # the new one starts with the configuration then in force.
+        del self._processes[worker.number]
         if self._stopping:
-            del self._processes[worker.number]
             return
         self.log.error(
             "worker {number} ended unexpectedly ({reason}); starting it again",
@@ -349,7 +355,9 @@ class Worker:
                     self.port = self.reactor.adoptStreamPort(3, self.family, self.factory)
                 # As in the master (ProxyService.startService).
                 gc.freeze()
-            else:
+            elif generation > self.state.generation:
+                # Configurations are built in threads and may finish out of
+                # order: an older one must not replace a newer one.
                 self.state.swap(config, table, generation)
 
         return building.addCallback(built)

@@ -7,11 +7,13 @@ import os
 import signal
 import stat
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from lmtp_proxy.state import DrainTimeout
-from lmtp_proxy.workers import Workers
+from lmtp_proxy import config as configuration
+from lmtp_proxy.reloader import serialize
+from lmtp_proxy.state import DrainTimeout, ProxyState
+from lmtp_proxy.workers import Worker, Workers
 from tests.support import FakeBackend, connectClient, transaction, unixPath, waitUntil
 from tests.test_service import RunningProxy, captureLog
 
@@ -195,3 +197,81 @@ class WorkerTests(unittest.TestCase):
         client.send(transaction([b"alice@x.test"]))
         yield client.waitReplies(7)
         self.assertEqual((len(a.messages), len(b.messages)), (0, 1))
+
+    @defer.inlineCallbacks
+    def test_reloadWhileWorkerIsBeingRestarted(self):
+        """
+        A reload while a dead worker waits to be started again does not wait
+        on the dead one: it completes at once, and the new worker serves
+        with the new table.
+        """
+        self.patch(Workers, "ANSWER_TIME", 20.0)
+        a, b = FakeBackend(self), FakeBackend(self)
+        backends = {"a": a.entry, "b": b.entry}
+        proxy = WorkerProxy(self, backends, {"alice@x.test": "a"})
+        worker = yield proxy.ready()
+        worker.transport.signalProcess(signal.SIGKILL)
+        yield worker.exited
+        proxy.write(backends, {"alice@x.test": "b"})
+        started = reactor.seconds()
+        generation, _ = yield proxy.service.reload()
+        self.assertEqual(generation, 2)
+        self.assertLess(reactor.seconds() - started, 10)
+        yield waitUntil(lambda: proxy.service.workers.processes, timeout=30)
+        yield proxy.ready()
+        client = yield connectClient(self, proxy.port)
+        client.send(transaction([b"alice@x.test"]))
+        yield client.waitReplies(7)
+        self.assertEqual((len(a.messages), len(b.messages)), (0, 1))
+
+    @defer.inlineCallbacks
+    def test_workerDyingDuringReload(self):
+        """
+        A worker that dies while a reload waits for its answer does not
+        fail the reload: the reload completes, and the worker started
+        again serves with the new table.
+        """
+        a, b = FakeBackend(self), FakeBackend(self)
+        backends = {"a": a.entry, "b": b.entry}
+        proxy = WorkerProxy(self, backends, {"alice@x.test": "a"})
+        worker = yield proxy.ready()
+        worker.transport.signalProcess(signal.SIGSTOP)
+        proxy.write(backends, {"alice@x.test": "b"})
+        reloading = proxy.service.reload()
+        yield waitUntil(lambda: proxy.service.state.generation == 2, timeout=30)
+        worker.transport.signalProcess(signal.SIGKILL)
+        generation, _ = yield reloading
+        self.assertEqual(generation, 2)
+        yield waitUntil(
+            lambda: proxy.service.workers.processes
+            and proxy.service.workers.processes[0] is not worker,
+            timeout=30,
+        )
+        yield proxy.ready()
+        client = yield connectClient(self, proxy.port)
+        client.send(transaction([b"alice@x.test"]))
+        yield client.waitReplies(7)
+        self.assertEqual((len(a.messages), len(b.messages)), (0, 1))
+
+
+class WorkerConfigureTests(unittest.TestCase):
+    """
+    The worker's side of a configuration.
+    """
+
+    @defer.inlineCallbacks
+    def test_olderConfigurationNeverReplacesNewer(self):
+        """
+        Configurations are built in threads and can finish out of order: one
+        of an older generation arriving after a newer one is not put in
+        force.
+        """
+        older = configuration.parse("config:\n  socket: [127.0.0.1, 1]\nusers:\n  alice@x.test: a\nbackends:\n  a: {host: 127.0.0.1, port: 1}\n", "<old>")
+        newer = configuration.parse("config:\n  socket: [127.0.0.1, 1]\nusers:\n  alice@x.test: b\nbackends:\n  b: {host: 127.0.0.1, port: 2}\n", "<new>")
+        worker = Worker(reactor, "inet")
+        worker.state = ProxyState(newer)
+        worker.state.generation = 3
+        yield worker.configure(serialize(older), 2)
+        self.assertEqual(worker.state.generation, 3)
+        self.assertEqual(worker.state.table.route("alice", "x.test").backend, "b")
+
