@@ -172,6 +172,9 @@ class LMTPClient(LineOnlyReceiver):
 
     delimiter = b"\r\n"
     MAX_LENGTH = 16384
+    # Each continuation line moves the reply deadline; a backend sending
+    # them without end must not hold a recipient forever.
+    MAX_REPLY_LINES = 100
 
     def __init__(self, clock, commandTimeout, outbox=None):
         self._clock = clock
@@ -233,11 +236,13 @@ class LMTPClient(LineOnlyReceiver):
         if not self._waiters:
             return self._fail(BackendProtocolError("unexpected reply"))
         text = line.decode("utf-8", "replace")
+        # The code is checked as bytes: str.isdigit() and int() also take
+        # non-ASCII digits such as U+0663.
         if (
-            len(text) < 3
-            or not text[:3].isdigit()
-            or text[0] not in "2345"
-            or (len(text) > 3 and text[3] not in " -")
+            len(line) < 3
+            or not line[:3].isdigit()
+            or line[:1] not in (b"2", b"3", b"4", b"5")
+            or (len(line) > 3 and line[3:4] not in (b" ", b"-"))
         ):
             return self._fail(BackendProtocolError("bad reply line"))
         code = int(text[:3])
@@ -246,6 +251,8 @@ class LMTPClient(LineOnlyReceiver):
         else:
             if self._lines and code != self._lines[0][0]:
                 return self._fail(BackendProtocolError("inconsistent multiline reply"))
+            if len(self._lines) >= self.MAX_REPLY_LINES:
+                return self._fail(BackendProtocolError("reply too long"))
             self._lines.append((code, text[4:]))
             if text[3:4] == "-":
                 # A long reply still arriving is progress: move the deadline.
@@ -458,7 +465,9 @@ def connectBackend(
     factory = protocol.Factory.forProtocol(lambda: client)
     # One connection per transaction would log two lines each otherwise.
     factory.noisy = False
-    connecting = endpoint.connect(factory)
+    # The endpoint's own timeout covers each connection attempt, not the
+    # name lookup before them.
+    connecting = endpoint.connect(factory).addTimeout(connectTimeout, reactor)
 
     def connectFailed(failure):
         client.abort()

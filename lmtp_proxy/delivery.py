@@ -136,6 +136,7 @@ class BackendSession:
         self._heldSize = 0
         self._holding = False
         self._unanswered = 0
+        self._aborted = False
 
     def rcpt(self, address, params):
         """
@@ -181,8 +182,14 @@ class BackendSession:
                 except BackendError as e:
                     sent.addErrback(lambda failure: None)
                     self.client = None
-                    if isinstance(e, BackendLost) and self._reused and attempt == 0:
-                        # A pooled connection the backend closed while idle.
+                    if (
+                        isinstance(e, BackendLost)
+                        and self._reused
+                        and attempt == 0
+                        and not self._aborted
+                    ):
+                        # A pooled connection the backend closed while idle
+                        # (not one this transaction dropped itself).
                         self._mailSent = False
                         continue
                     self.failure = e.reply
@@ -190,8 +197,11 @@ class BackendSession:
                 if not result.positive:
                     # The backend answers the RCPT with a 503 we ignore.
                     sent.addErrback(lambda failure: None)
-                    self.failure = result.withEnhancedCode()
-                    self.reset()
+                    if 400 <= result.code < 600:
+                        self.failure = result.withEnhancedCode()
+                        self.reset()
+                    else:
+                        self.fail(BackendError("unexpected MAIL reply %d" % (result.code,)))
                     return self.failure
             result = yield sent.addCallbacks(self._rcptAnswered, self._rcptFailed)
             return result
@@ -316,6 +326,7 @@ class BackendSession:
         """
         Drop the connection without completing anything on it.
         """
+        self._aborted = True
         self._stopStreaming()
         if self.client is not None:
             self.client.abort()
@@ -338,7 +349,7 @@ class BackendSession:
                 self.client.transport.unregisterProducer()
 
     def _finalReply(self, result, client):
-        if 200 <= result.code < 600:
+        if result.positive or 400 <= result.code < 600:
             result = result.withEnhancedCode()
         else:
             self._repliesFailed = True

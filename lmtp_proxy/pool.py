@@ -72,6 +72,12 @@ class BackendPool:
         Take back a connection whose transaction ended cleanly: keep it for
         reuse, or say QUIT.
         """
+        # This runs while the client still reads the backend's last reply:
+        # a stray reply line in the same read must find the connection
+        # failed, not answering the next transaction's MAIL.
+        self._reactor.callLater(0, self._keep, backend, client, config)
+
+    def _keep(self, backend, client, config):
         idle = self._idle[backend]
         if not client.usable:
             return

@@ -10,8 +10,10 @@ import tempfile
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from lmtp_proxy.client import (
     BackendAuthFailed,
@@ -149,6 +151,30 @@ class ReplyParsingTests(unittest.TestCase):
         self.assertNoResult(r)
         client.dataReceived(b"250 third\r\n")
         self.assertEqual(self.successResultOf(r), Reply(250, ("first", "second", "third")))
+
+    def test_nonAsciiDigitsAreNoCode(self):
+        """
+        A reply code must be three ASCII digits: Arabic-Indic digits (which
+        int() would read as 233) make a bad reply, not a 2xx.
+        """
+        client, transport, clock, d = handshaken()
+        r = client.command(b"RCPT TO:<a@x>")
+        client.dataReceived("2\u0663\u0663 weird\r\n".encode("utf-8"))
+        self.failureResultOf(r, BackendProtocolError)
+        self.assertFalse(client.usable)
+
+    def test_endlessReplyFails(self):
+        """
+        A reply that keeps sending continuation lines is cut off after
+        C{MAX_REPLY_LINES} with a protocol error, instead of holding the
+        command forever.
+        """
+        client, transport, clock, d = handshaken()
+        r = client.command(b"NOOP")
+        client.dataReceived(b"250-more\r\n" * LMTPClient.MAX_REPLY_LINES)
+        self.assertNoResult(r)
+        client.dataReceived(b"250-more\r\n")
+        self.failureResultOf(r, BackendProtocolError)
 
     def test_421ClosesConnection(self):
         """
@@ -687,6 +713,32 @@ class ConnectBackendTests(unittest.TestCase):
         client = yield self.connect(Backend(name="a", **fake.entry))
         handle = client.transport.getHandle()
         self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    @defer.inlineCallbacks
+    def test_nameLookupTimesOut(self):
+        """
+        A name lookup that never answers ends after the connect timeout as
+        an unreachable backend.
+        """
+        @implementer(IHostResolution)
+        class Pending:
+            def __init__(self, name):
+                self.name = name
+
+            def cancel(self):
+                pass
+
+        @implementer(IHostnameResolver)
+        class Silent:
+            def resolveHostName(self, receiver, hostName, portNumber=0,
+                                addressTypes=None, transportSemantics="TCP"):
+                receiver.resolutionBegan(Pending(hostName))
+                return receiver
+
+        previous = reactor.installNameResolver(Silent())
+        self.addCleanup(reactor.installNameResolver, previous)
+        d = connectBackend(reactor, Backend(name="a", host="mail.example", port=24), "proxy.test", 0.2, 2.0)
+        yield self.assertFailure(d, BackendUnavailable)
 
     @defer.inlineCallbacks
     def test_hostName(self):

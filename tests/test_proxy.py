@@ -225,7 +225,7 @@ class TransactionTests(unittest.TestCase):
         with MAIL FROM, before the MAIL reply.
         """
         a, b, proxy = twoBackends(self, {"command_timeout": 0.3})
-        a.actions["MAIL"] = "hang"
+        a.actions["MAIL"] = a.actions["RCPT"] = "hang"
         client = yield proxy.connect(self)
         replies = yield exchange(client, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n", 3)
         self.assertTrue(replies[2].startswith("451 4.4.2"), replies)
@@ -237,7 +237,7 @@ class TransactionTests(unittest.TestCase):
         A backend without PIPELINING gets no RCPT before it answered MAIL.
         """
         a, b, proxy = twoBackends(self, {"command_timeout": 0.3}, extensions=("8BITMIME",))
-        a.actions["MAIL"] = "hang"
+        a.actions["MAIL"] = a.actions["RCPT"] = "hang"
         client = yield proxy.connect(self)
         replies = yield exchange(client, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n", 3)
         self.assertTrue(replies[2].startswith("451 4.4.2"), replies)
@@ -266,6 +266,32 @@ class BackendFaultTests(unittest.TestCase):
     """
     A backend fault becomes a 4xx for that backend's recipients only.
     """
+
+    @defer.inlineCallbacks
+    def test_finalReply3xxIsFault(self):
+        """
+        A 3xx where a recipient's final reply belongs is a backend fault,
+        451 4.4.0, never passed on (an MTA bounces any non-4xx failure).
+        """
+        a, b, proxy = twoBackends(self)
+        a.dataReplies[b"x@a.test"] = b"334 what\r\n"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 8)
+        self.assertTrue(replies[5].startswith("451 4.4.0"), replies[5])
+        self.assertEqual([r[:3] for r in replies[6:]], ["250", "221"])
+
+    @defer.inlineCallbacks
+    def test_mailReply3xxIsFault(self):
+        """
+        A 3xx answer to MAIL is a backend fault: the recipient gets 451
+        4.4.0, not the 3xx as its RCPT reply.
+        """
+        a, b, proxy = twoBackends(self)
+        a.actions["MAIL"] = b"334 huh\r\n"
+        client = yield proxy.connect(self)
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test"]), 7)
+        self.assertTrue(replies[2].startswith("451 4.4.0"), replies[2])
+        self.assertEqual([r[:3] for r in replies[3:]], ["250", "354", "250", "221"])
 
     @defer.inlineCallbacks
     def test_deadBackend(self):
@@ -634,6 +660,26 @@ class ClientAbortTests(unittest.TestCase):
 
 
     @defer.inlineCallbacks
+    def test_disconnectWhileMailPendingOpensNothing(self):
+        """
+        A client that leaves while MAIL waits on a pooled backend connection
+        does not make the proxy open a new connection for the transaction
+        that just ended (the retry is for a pooled connection the backend
+        closed).
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 1})
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"]), 6)
+        a.actions["MAIL"] = a.actions["RCPT"] = "hang"
+        client = yield proxy.connect(self)
+        client.send(b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n")
+        yield waitUntil(lambda: a.verbs().count(b"MAIL") == 2)
+        client.transport.abortConnection()
+        yield waitUntil(lambda: not a.open)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(a.connections, 1)
+
+    @defer.inlineCallbacks
     def test_abortLogged(self):
         """
         Each accepted recipient of a message the client abandoned gets one
@@ -1000,6 +1046,27 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(a.verbs().count(b"LHLO"), 1)
         self.assertEqual(len(a.messages), 2)
         self.assertNotIn(b"QUIT", a.verbs())
+
+    @defer.inlineCallbacks
+    def test_strayReplyNeverAnswersNextTransaction(self):
+        """
+        A backend that sends one reply too many after the final dot is not
+        reused: the stray line must not become the answer to the next
+        (pipelined) transaction's MAIL, shifting every later reply.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 1})
+        a.dataReplies[b"x@a.test"] = b"250 2.0.0 saved\r\n250 2.0.0 stray\r\n"
+        a.rcptReplies[b"y@a.test"] = b"550 5.1.1 unknown\r\n"
+        client = yield proxy.connect(self)
+        replies = yield exchange(
+            client,
+            b"LHLO c\r\n" + mail([b"x@a.test"]) + mail([b"y@a.test", b"z@a.test"]),
+            1 + 4 + 5,
+        )
+        self.assertEqual(
+            [r[:3] for r in replies[1:]],
+            ["250", "250", "354", "250", "250", "550", "250", "354", "250"],
+        )
 
     @defer.inlineCallbacks
     def test_rsetConnectionReused(self):
