@@ -159,9 +159,6 @@ class LMTPServer(protocol.Protocol):
         """
         if self._awaitingVerdicts or self._closed:
             return
-        if self.transaction is not None:
-            self.transaction.abort("the proxy stopped before the end of the message")
-            self.transaction = None
         self._shutdownNow()
 
     # input handling
@@ -537,11 +534,10 @@ class LMTPServer(protocol.Protocol):
         self._idleTimedOut()
 
     def _idleTimedOut(self):
-        if self.transaction is not None:
-            self.transaction.abort("the client was idle for too long")
-            self.transaction = None
-        self._send(reply(421, "4.4.2 %s Error: timeout exceeded" % (self.config.hostname,)))
-        self._close()
+        self._closeWith(
+            reply(421, "4.4.2 %s Error: timeout exceeded" % (self.config.hostname,)),
+            "the client was idle for too long",
+        )
 
     def _closeIfIdle(self):
         if (
@@ -554,14 +550,33 @@ class LMTPServer(protocol.Protocol):
             self._shutdownNow()
 
     def _shutdownNow(self):
-        self._send(reply(421, "4.3.2 %s Service shutting down" % (self.config.hostname,)))
+        self._closeWith(
+            reply(421, "4.3.2 %s Service shutting down" % (self.config.hostname,)),
+            "the proxy stopped before the end of the message",
+        )
+
+    def _closeWith(self, result, why):
+        """
+        Send C{result} and close, then drop the transaction in progress:
+        closed first, so the replies its abort fires cannot run the commands
+        the client pipelined behind them.
+        """
+        transaction, self.transaction = self.transaction, None
+        self._send(result)
         self._close()
+        if transaction is not None:
+            transaction.abort(why)
 
     def _close(self):
         self._cancelIdleTimer()
         if not self._closed:
             self._closed = True
             self.transport.loseConnection()
+            # A client that stopped reading never lets the last reply out,
+            # and the close would wait for it forever.
+            self._idleTimer = self.clock.callLater(
+                self.config.idle_timeout, self.transport.abortConnection
+            )
 
     def _resetTransaction(self):
         if self.transaction is not None:

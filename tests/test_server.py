@@ -1169,6 +1169,23 @@ class IdleTimeoutTests(ReplyAssertions, unittest.TestCase):
         self.assertTrue(s.last().startswith("421 4.4.2"))
         self.assertTrue(s.closed)
 
+    def test_closeForcedWhenClientStopsReading(self):
+        """
+        A close waits for the client to take the last reply only for another
+        idle_timeout; a client that stopped reading is then dropped, so the
+        session cannot hang a stop forever.
+        """
+        s = Session()
+        aborted = []
+        s.transport.loseConnection = lambda: None
+        s.transport.abortConnection = lambda: aborted.append(True)
+        s.clock.advance(IDLE)
+        self.assertEqual(s.codes(), [220, 421])
+        s.clock.advance(IDLE - 0.1)
+        self.assertEqual(aborted, [])
+        s.clock.advance(0.1)
+        self.assertEqual(aborted, [True])
+
     def test_inputRearmsTimer(self):
         """
         Each piece of input, even a partial line, starts the idle time anew.

@@ -413,6 +413,31 @@ class StopTests(unittest.TestCase):
         self.assertEqual(a.aborted, [b"Subject: half\r\n"])
 
     @defer.inlineCallbacks
+    def test_graceExpiryRunsNoPipelinedCommand(self):
+        """
+        When the grace period ends while an RCPT waits on its backend, the
+        commands the client pipelined behind it are not run: no other
+        backend gets a MAIL for a transaction that is over, and the client
+        gets the 421 and nothing else.
+        """
+        a, b = FakeBackend(self), FakeBackend(self)
+        a.actions["MAIL"] = a.actions["RCPT"] = "hang"
+        proxy = RunningProxy(
+            self, {"a": a.entry, "b": b.entry}, {"@x.test": "a", "@y.test": "b"},
+            shutdown_grace=0.3,
+        )
+        client = yield proxy.connect()
+        client.send(
+            b"LHLO c\r\nMAIL FROM:<s@z>\r\nRCPT TO:<one@x.test>\r\n"
+            b"RCPT TO:<two@y.test>\r\nDATA\r\n"
+        )
+        yield waitUntil(lambda: b"MAIL" in a.verbs())
+        yield proxy.service.stopService()
+        yield client.lost
+        self.assertEqual(client.codes(), [220, 250, 250, 421])
+        self.assertEqual(b.connections, 0)
+
+    @defer.inlineCallbacks
     def test_idleSessionClosedAtOnce(self):
         """
         A session between transactions is closed with 421 4.3.2 as soon as
