@@ -28,6 +28,9 @@ MAX_PENDING_INPUT = 65536
 _PATH = re.compile(r"^(FROM|TO):\s*(<[^>]*>|[^\s<>]*)(.*)$", re.IGNORECASE | re.DOTALL)
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _XTEXT = re.compile(r"^[\x21-\x7e]*$")
+# A NUL or bare CR passed on in an address could end the line early at a
+# backend that parses differently.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOTIFY = re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I)
 
 OK = reply(250, "2.0.0 Ok")
@@ -585,6 +588,8 @@ class LMTPServer(protocol.Protocol):
         self._utf8 = False
 
     def _parsePath(self, argument, keyword, allowed):
+        if _CONTROL.search(argument):
+            return reply(501, "5.5.4 Syntax error: control character in command")
         match = _PATH.match(argument)
         if match is None or match.group(1).upper() != keyword:
             return reply(
@@ -606,7 +611,11 @@ class LMTPServer(protocol.Protocol):
             check = allowed.get(key)
             if check is None:
                 return reply(555, "5.5.4 Unsupported parameter %s" % (key,))
-            if not check(value):
+            # str.upper() and re.I fold some non-ASCII letters into ASCII
+            # ones; only an ORCPT of a SMTPUTF8 transaction may be UTF-8
+            # (RFC 6533).
+            utf8 = key == "ORCPT" and self._utf8
+            if not ((value.isascii() or utf8) and check(value)):
                 return reply(501, "5.5.4 Bad parameter value for %s" % (key,))
             params.append((key.encode("ascii"), _toBytes(token)))
         return _Command(address, params)

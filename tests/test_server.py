@@ -515,6 +515,30 @@ class SequenceAndSyntaxTests(unittest.TestCase):
         )
         self.assertEqual(s.codes(), [220, 250, 501, 501, 501, 250, 501])
 
+    def test_nonAsciiParameterValue(self):
+        """
+        A parameter value with non-ASCII letters that case folding would turn
+        into a valid one (dotless i, long s) gets 501, even in a SMTPUTF8
+        transaction.
+        """
+        s = Session()
+        s.send(
+            "LHLO c\r\nMAIL FROM:<a@b> BODY=8b\u0131tm\u0131me\r\n"
+            "MAIL FROM:<a@b> SMTPUTF8\r\n"
+            "RCPT TO:<u@a.test> NOTIFY=\u017fuccess\r\n".encode("utf-8")
+        )
+        self.assertEqual(s.codes(), [220, 250, 501, 250, 501])
+        self.assertEqual(s.transaction.rcpts, [])
+
+    def test_controlCharacterInAddress(self):
+        """
+        A NUL or bare CR inside an address gets 501 and is never passed on.
+        """
+        s = Session()
+        s.send(b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<v\x00\rw@a.test>\r\n")
+        self.assertEqual(s.codes(), [220, 250, 250, 501])
+        self.assertEqual(s.transaction.rcpts, [])
+
     def test_sizeOverLimit(self):
         """
         MAIL with SIZE above max_message_size gets 552 5.3.4 and begins no
