@@ -17,7 +17,7 @@ import os
 import sys
 from types import MappingProxyType
 
-from twisted.internet import utils
+from twisted.internet import defer, utils
 from twisted.internet.threads import deferToThreadPool
 
 import lmtp_proxy
@@ -133,9 +133,14 @@ def childEnvironment():
     return env
 
 
+# Seconds the child may take (100,000 users take about 3 s): a file on a
+# hung network mount must not hold every later reload back.
+LOAD_TIMEOUT = 120.0
+
+
 def reloadConfig(reactor, old):
     """
-    Load C{old.source} again.
+    Load C{old.source} again, within L{LOAD_TIMEOUT} seconds.
 
     @return: a L{Deferred} firing with C{(config, table, summary, data)},
         C{data} being the L{serialize}d configuration, or failing with
@@ -146,7 +151,7 @@ def reloadConfig(reactor, old):
         ["-m", "lmtp_proxy.reloader", old.source],
         env=childEnvironment(),
         reactor=reactor,
-    )
+    ).addTimeout(LOAD_TIMEOUT, reactor)
 
     def parsed(result):
         output, errors, status = result
@@ -164,7 +169,13 @@ def reloadConfig(reactor, old):
             )
         return inThread(reactor, _build, output, old)
 
-    return child.addCallback(parsed)
+    def timedOut(failure):
+        failure.trap(defer.TimeoutError)
+        raise configuration.ConfigError(
+            old.source, None, None, "not loaded within %g s" % (LOAD_TIMEOUT,)
+        )
+
+    return child.addCallbacks(parsed, timedOut)
 
 
 def main(argv):

@@ -175,11 +175,14 @@ class Workers:
         Ask every worker to drain and exit; fire once all have exited.
         """
         self._stopping = True
-        exits = []
-        for worker in self._processes.values():
-            worker.request("stop %s" % (grace,)).addErrback(lambda failure: None)
-            exits.append(worker.exited)
-        return defer.DeferredList(exits)
+        # A worker answers by exiting; one that has not after its grace and
+        # ANSWER_TIME is killed, so a stop never waits forever.
+        return defer.DeferredList(
+            [
+                self._ask(worker, "stop %s" % (grace,), grace + self.ANSWER_TIME)
+                for worker in list(self._processes.values())
+            ]
+        )
 
     def _spawn(self, number):
         worker = WorkerProcess(number, self._ended)

@@ -13,6 +13,7 @@ from twisted.logger import globalLogPublisher, formatEvent
 from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
+from lmtp_proxy import reloader
 from lmtp_proxy.control import controlAddress
 from lmtp_proxy.service import ProxyService
 from lmtp_proxy.state import DrainTimeout
@@ -160,6 +161,35 @@ class ReloadTests(unittest.TestCase):
         self.assertEqual(len(refused), 1)
         self.assertIn("line 4", refused[0])
         self.assertIn("nowhere", refused[0])
+
+    @defer.inlineCallbacks
+    def test_hungLoadTimesOut(self):
+        """
+        A file whose reading hangs (here a FIFO nobody writes) is refused
+        after the load timeout with one line, the table stays, and the next
+        reload is not held back.
+        """
+        self.patch(reloader, "LOAD_TIMEOUT", 1.0)
+        log = captureLog(self)
+        a = FakeBackend(self)
+        proxy = RunningProxy(self, {"a": a.entry}, {"alice@x.test": "a"})
+        os.remove(proxy.path)
+        os.mkfifo(proxy.path)
+
+        def release():
+            # Lets the child's open() return, so it ends.
+            os.close(os.open(proxy.path, os.O_WRONLY | os.O_NONBLOCK))
+
+        yield self.assertFailure(proxy.service.reload(), configuration.ConfigError)
+        release()
+        self.assertEqual(proxy.service.state.generation, 1)
+        refused = [l for l in log if l.startswith("reload refused")]
+        self.assertEqual(len(refused), 1)
+        self.assertIn("not loaded within 1 s", refused[0])
+        os.remove(proxy.path)
+        proxy.write({"a": a.entry}, {"alice@x.test": "a", "bob@x.test": "a"})
+        generation, _ = yield proxy.service.reload()
+        self.assertEqual(generation, 2)
 
     @defer.inlineCallbacks
     def test_yamlErrorKeepsTable(self):

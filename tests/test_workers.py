@@ -254,6 +254,21 @@ class WorkerTests(unittest.TestCase):
         self.assertEqual((len(a.messages), len(b.messages)), (0, 1))
 
 
+    @defer.inlineCallbacks
+    def test_stopKillsWedgedWorker(self):
+        """
+        A worker that does not exit within its grace and ANSWER_TIME after a
+        stop is killed, so the stop ends.
+        """
+        self.patch(Workers, "ANSWER_TIME", 1.0)
+        a = FakeBackend(self)
+        proxy = WorkerProxy(self, {"a": a.entry}, {"@x.test": "a"}, shutdown_grace=0.2)
+        worker = yield proxy.ready()
+        worker.transport.signalProcess(signal.SIGSTOP)
+        yield proxy.service.stopService()
+        self.assertTrue(worker.exited.called)
+
+
 class WorkerConfigureTests(unittest.TestCase):
     """
     The worker's side of a configuration.
