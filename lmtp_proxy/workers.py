@@ -317,6 +317,21 @@ class _SharedUNIXPort(unix.Port):
 
     _shouldShutdown = False
 
+    def startListening(self):
+        """
+        Serve the adopted socket as it is. Twisted's own would chmod the
+        file, which fails (EPERM) for a worker that twistd started after
+        dropping privileges, and would change the master's mode anyway.
+        """
+        tcp._reservedFD.reserve()
+        self.factory.doStart()
+        self.socket, self._preexistingSocket = self._preexistingSocket, None
+        self.socket.setblocking(False)
+        self.fileno = self.socket.fileno
+        self.connected = True
+        self.numberAccepts = 100
+        self.startReading()
+
     def connectionLost(self, reason):
         tcp.Port.connectionLost(self, reason)
 
@@ -349,10 +364,6 @@ class Worker:
                     self.port = _SharedUNIXPort._fromListeningDescriptor(
                         self.reactor, 3, self.factory
                     )
-                    # Twisted chmods the socket file on listening: keep the
-                    # master's mode.
-                    if config.permissions is not None:
-                        self.port.mode = config.permissions
                     self.port.startListening()
                 else:
                     self.port = self.reactor.adoptStreamPort(3, self.family, self.factory)

@@ -5,15 +5,16 @@ meaning across processes.
 
 import os
 import signal
+import socket
 import stat
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
 from lmtp_proxy.reloader import serialize
 from lmtp_proxy.state import DrainTimeout, ProxyState
-from lmtp_proxy.workers import Worker, Workers
+from lmtp_proxy.workers import Worker, Workers, _SharedUNIXPort
 from tests.support import FakeBackend, connectClient, transaction, unixPath, waitUntil
 from tests.test_service import RunningProxy, captureLog
 
@@ -273,6 +274,36 @@ class WorkerConfigureTests(unittest.TestCase):
     """
     The worker's side of a configuration.
     """
+
+    @defer.inlineCallbacks
+    def test_sharedUnixSocketNotChmodded(self):
+        """
+        A worker serves the master's unix socket without changing its file:
+        after twistd dropped privileges the worker may not own it, and a
+        chmod would fail.
+        """
+        path = unixPath(self)
+        listening = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listening.close)
+        listening.bind(path)
+        listening.listen(5)
+        os.chmod(path, 0o640)
+
+        def refuse(*args):
+            raise PermissionError(1, "Operation not permitted")
+
+        self.patch(os, "chmod", refuse)
+        greeted = []
+        factory = protocol.Factory.forProtocol(protocol.Protocol)
+        factory.buildProtocol = lambda addr: greeted.append(addr)
+        port = _SharedUNIXPort._fromListeningDescriptor(reactor, listening.fileno(), factory)
+        port.startListening()
+        self.addCleanup(port.stopListening)
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect(path)
+        yield waitUntil(lambda: greeted)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o640)
 
     @defer.inlineCallbacks
     def test_olderConfigurationNeverReplacesNewer(self):
