@@ -36,6 +36,26 @@ class WorkerProxy(RunningProxy):
         yield waitUntil(lambda: worker.configured.called, timeout=30)
         return worker
 
+    def replaced(self, worker):
+        """
+        Wait until a new worker took C{worker}'s place and serves.
+        """
+        return waitUntil(
+            lambda: self.service.workers.processes
+            and self.service.workers.processes[0] is not worker,
+            timeout=30,
+        ).addCallback(lambda _: self.ready())
+
+
+@defer.inlineCallbacks
+def deliverToAlice(testcase, proxy):
+    """
+    One whole transaction for alice@x.test through C{proxy}.
+    """
+    client = yield connectClient(testcase, proxy.port)
+    client.send(transaction([b"alice@x.test"]))
+    yield client.waitReplies(7)
+
 
 class WorkerTests(unittest.TestCase):
     """
@@ -133,12 +153,7 @@ class WorkerTests(unittest.TestCase):
         worker = yield proxy.ready()
         worker.transport.signalProcess(signal.SIGKILL)
         yield worker.exited
-        yield waitUntil(
-            lambda: proxy.service.workers.processes
-            and proxy.service.workers.processes[0] is not worker,
-            timeout=30,
-        )
-        yield proxy.ready()
+        yield proxy.replaced(worker)
         client = yield proxy.connect()
         client.send(transaction([b"one@x.test"]))
         yield client.waitReplies(7)
@@ -161,12 +176,7 @@ class WorkerTests(unittest.TestCase):
         worker.transport.signalProcess(signal.SIGTERM)
         yield worker.exited
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
-        yield waitUntil(
-            lambda: proxy.service.workers.processes
-            and proxy.service.workers.processes[0] is not worker,
-            timeout=30,
-        )
-        yield proxy.ready()
+        yield proxy.replaced(worker)
         client = yield connectClient(self, path)
         client.send(transaction([b"one@x.test"]))
         yield client.waitReplies(7)
@@ -188,15 +198,8 @@ class WorkerTests(unittest.TestCase):
         generation, _ = yield proxy.service.reload()
         self.assertEqual(generation, 2)
         self.assertTrue(worker.exited.called)
-        yield waitUntil(
-            lambda: proxy.service.workers.processes
-            and proxy.service.workers.processes[0] is not worker,
-            timeout=30,
-        )
-        yield proxy.ready()
-        client = yield connectClient(self, proxy.port)
-        client.send(transaction([b"alice@x.test"]))
-        yield client.waitReplies(7)
+        yield proxy.replaced(worker)
+        yield deliverToAlice(self, proxy)
         self.assertEqual((len(a.messages), len(b.messages)), (0, 1))
 
     @defer.inlineCallbacks
@@ -220,9 +223,7 @@ class WorkerTests(unittest.TestCase):
         self.assertLess(reactor.seconds() - started, 10)
         yield waitUntil(lambda: proxy.service.workers.processes, timeout=30)
         yield proxy.ready()
-        client = yield connectClient(self, proxy.port)
-        client.send(transaction([b"alice@x.test"]))
-        yield client.waitReplies(7)
+        yield deliverToAlice(self, proxy)
         self.assertEqual((len(a.messages), len(b.messages)), (0, 1))
 
     @defer.inlineCallbacks
@@ -243,15 +244,8 @@ class WorkerTests(unittest.TestCase):
         worker.transport.signalProcess(signal.SIGKILL)
         generation, _ = yield reloading
         self.assertEqual(generation, 2)
-        yield waitUntil(
-            lambda: proxy.service.workers.processes
-            and proxy.service.workers.processes[0] is not worker,
-            timeout=30,
-        )
-        yield proxy.ready()
-        client = yield connectClient(self, proxy.port)
-        client.send(transaction([b"alice@x.test"]))
-        yield client.waitReplies(7)
+        yield proxy.replaced(worker)
+        yield deliverToAlice(self, proxy)
         self.assertEqual((len(a.messages), len(b.messages)), (0, 1))
 
 
