@@ -163,6 +163,14 @@ class BackendSession:
                     )
                 except BackendError as e:
                     self.failure = e.reply
+                if self._aborted and self.client is not None:
+                    # The transaction ended while connecting: the fresh
+                    # connection carries nothing yet, so it can serve another.
+                    self.transaction.delivery.pool.release(
+                        self.backend, self.client, self.config
+                    )
+                    self.client = None
+                    return ABORTED
             if self.failure is not None:
                 return self.failure
             client = self.client
@@ -419,6 +427,7 @@ class Transaction:
         self.sessions = {}
         self.accepted = []
         self._ended = False
+        self._why = None
         self._unsettled = 0
 
     def rcpt(self, address, local, domain, params):
@@ -447,8 +456,12 @@ class Transaction:
         )
 
     def _rcptAnswered(self, result, address, route, session):
-        if self._ended:
+        if self._ended or self._why is not None:
+            # The client left or reset while this RCPT was at the backend:
+            # whatever the backend said, or the BackendLost that dropping it
+            # caused, the recipient's outcome is the client's doing.
             session.abort()
+            self._outcome(address, route, None, self._why or "transaction ended")
             return ABORTED
         if result.positive:
             self.accepted.append(Recipient(address, route))
@@ -505,6 +518,9 @@ class Transaction:
         """
         Drop every backend transaction so nothing is delivered anywhere.
         """
+        # Before the sessions: dropping them fails a RCPT still at a backend,
+        # and that must be logged as aborted, not as a backend fault.
+        self._why = why
         for session in self.sessions.values():
             session.abort()
         self._discard(why)
@@ -513,9 +529,10 @@ class Transaction:
         """
         End the transaction without a message (RSET, LHLO).
         """
+        self._why = "transaction reset by the client"
         for session in self.sessions.values():
             session.reset()
-        self._discard("transaction reset by the client")
+        self._discard(self._why)
 
     def _discard(self, why):
         if not self._ended:

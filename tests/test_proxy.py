@@ -703,6 +703,172 @@ class ClientAbortTests(unittest.TestCase):
         self.assertIn("status=aborted (connection closed before the end of the message)", outcomes[0])
 
 
+def outcomeLines(testcase):
+    """
+    Collect the per-recipient outcome lines logged while C{testcase} runs.
+    """
+    lines = []
+
+    def observer(event):
+        if "outcome" in event:
+            lines.append(event["outcome"])
+
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return lines
+
+
+def outcomesFor(lines, address):
+    return [line for line in lines if "to=<%s>" % (address,) in line]
+
+
+class ClientLeavesTests(unittest.TestCase):
+    """
+    A client that leaves (RST) before the final dot gives each recipient
+    without a final outcome exactly one C{status=aborted} line, whatever
+    its backends were doing: the backend faults that dropping them causes
+    are the proxy's own doing, not the backend's.
+    """
+
+    @defer.inlineCallbacks
+    def leave(self, proxy, data, until):
+        client = yield proxy.connect(self)
+        client.send(data)
+        yield waitUntil(until)
+        # SO_LINGER 0: the close is a reset, as the issue's client did.
+        client.transport.getHandle().setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        client.transport.abortConnection()
+
+    def assertAborted(self, lines, address):
+        found = outcomesFor(lines, address)
+        self.assertEqual(len(found), 1, lines)
+        self.assertIn("status=aborted", found[0])
+
+    @defer.inlineCallbacks
+    def test_rcptPendingAtBackend(self):
+        """
+        A RCPT still at a healthy backend when the client resets is logged
+        as aborted, not as 451 backend connection lost.
+        """
+        lines = outcomeLines(self)
+        a, b, proxy = twoBackends(self)
+        a.actions["RCPT"] = "hang"
+        yield self.leave(
+            proxy,
+            b"LHLO c\r\nMAIL FROM:<rst@x>\r\nRCPT TO:<alice@a.test>\r\n",
+            lambda: b"RCPT" in a.verbs(),
+        )
+        yield waitUntil(lambda: not a.open)
+        yield waitUntil(lambda: outcomesFor(lines, "alice@a.test"))
+        self.assertAborted(lines, "alice@a.test")
+
+    @defer.inlineCallbacks
+    def test_rcptsPendingAtTwoBackends(self):
+        """
+        With recipients accepted by one backend and a RCPT still at the
+        other, every recipient gets one aborted line.
+        """
+        lines = outcomeLines(self)
+        a, b, proxy = twoBackends(self)
+        b.actions["RCPT"] = "hang"
+        yield self.leave(
+            proxy,
+            b"LHLO c\r\nMAIL FROM:<rst@x>\r\nRCPT TO:<x1@a.test>\r\n"
+            b"RCPT TO:<x2@a.test>\r\nRCPT TO:<y@b.test>\r\n",
+            lambda: b"RCPT" in b.verbs(),
+        )
+        yield waitUntil(lambda: not a.open and not b.open)
+        yield waitUntil(lambda: len(lines) >= 3)
+        for address in ("x1@a.test", "x2@a.test", "y@b.test"):
+            self.assertAborted(lines, address)
+
+    @defer.inlineCallbacks
+    def test_connectPendingReusesConnection(self):
+        """
+        A client that leaves while its recipient's backend connection is
+        still being set up gets an aborted line, and the new connection
+        carries no MAIL.
+        """
+        lines = outcomeLines(self)
+        a, b, proxy = twoBackends(self, {"pool_size": 1})
+        a.actions["LHLO"] = lambda backend, line: reactor.callLater(
+            0.3, backend._answer, b"250 fake.test\r\n"
+        )
+        yield self.leave(
+            proxy,
+            b"LHLO c\r\nMAIL FROM:<rst@x>\r\nRCPT TO:<alice@a.test>\r\n",
+            lambda: b"LHLO" in a.verbs(),
+        )
+        yield waitUntil(lambda: outcomesFor(lines, "alice@a.test"))
+        self.assertAborted(lines, "alice@a.test")
+        self.assertNotIn(b"MAIL", a.verbs())
+        self.assertEqual(len(a.open), 1)
+
+    @defer.inlineCallbacks
+    def test_dataBeforeGoAhead(self):
+        """
+        DATA sent to the backends but not yet answered 354: the recipients
+        are logged as aborted.
+        """
+        lines = outcomeLines(self)
+        a, b, proxy = twoBackends(self)
+        a.actions["DATA"] = "hang"
+        yield self.leave(
+            proxy,
+            b"LHLO c\r\nMAIL FROM:<rst@x>\r\nRCPT TO:<x@a.test>\r\n"
+            b"RCPT TO:<y@b.test>\r\nDATA\r\nSubject: t\r\n",
+            lambda: b"DATA" in a.verbs() and b"DATA" in b.verbs(),
+        )
+        yield waitUntil(lambda: not a.open and not b.open)
+        yield waitUntil(lambda: len(lines) >= 2)
+        self.assertAborted(lines, "x@a.test")
+        self.assertAborted(lines, "y@b.test")
+
+    @defer.inlineCallbacks
+    def test_midMessage(self):
+        """
+        A client that leaves mid-message: one aborted line per recipient.
+        """
+        lines = outcomeLines(self)
+        a, b, proxy = twoBackends(self)
+
+        def streaming(backend):
+            return any(bytes(p.data).endswith(b"first\r\n") for p in backend.open)
+
+        yield self.leave(
+            proxy,
+            b"LHLO c\r\nMAIL FROM:<rst@x>\r\nRCPT TO:<x@a.test>\r\n"
+            b"RCPT TO:<y@b.test>\r\nDATA\r\nSubject: t\r\n\r\nfirst\r\n",
+            lambda: streaming(a) and streaming(b),
+        )
+        yield waitUntil(lambda: not a.open and not b.open)
+        yield waitUntil(lambda: len(lines) >= 2)
+        self.assertAborted(lines, "x@a.test")
+        self.assertAborted(lines, "y@b.test")
+
+    @defer.inlineCallbacks
+    def test_backendFaultBeforeLeavingStaysAFault(self):
+        """
+        A backend that failed a RCPT before the client left is still logged
+        as the fault it was (deferred), and only once.
+        """
+        lines = outcomeLines(self)
+        a, b, proxy = twoBackends(self)
+        a.actions["RCPT"] = "close"
+        client = yield proxy.connect(self)
+        replies = yield exchange(
+            client, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n", 3
+        )
+        self.assertTrue(replies[-1].startswith("451 4.4.2"), replies)
+        client.transport.abortConnection()
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        found = outcomesFor(lines, "x@a.test")
+        self.assertEqual(len(found), 1, lines)
+        self.assertIn("status=deferred", found[0])
+
+
 class ByteExactTests(unittest.TestCase):
     """
     Backends receive exactly the client's dot-stuffed bytes.
