@@ -14,7 +14,10 @@ is a FAIL (exit status 1).
                    [--results bench/RESULTS.md]
 
 Environment: VENV (default REPO/.venv), QUICK=1, NO_PROXY=1, RUNS, MSGS,
-MSGS_LARGE.
+MSGS_LARGE, BASELINE_VENV and BASELINE_LABEL (our proxy from that venv, e.g.
+an older commit, as the extra target "base": same config, sinks and workers,
+interleaved in every run; the table gains ours/base and the run-to-run noise
+of both).
 """
 
 import argparse
@@ -143,7 +146,8 @@ def main():
     cmdline = os.environ.get("BENCH_CMDLINE") or " ".join(
         [os.path.relpath(sys.argv[0], C.REPO)] + sys.argv[1:])
     envdesc = " ".join("%s=%s" % (k, os.environ[k]) for k in
-                       ("QUICK", "NO_PROXY", "VENV", "RUNS", "MSGS", "MSGS_LARGE")
+                       ("QUICK", "NO_PROXY", "VENV", "RUNS", "MSGS", "MSGS_LARGE",
+                        "BASELINE_VENV", "BASELINE_LABEL")
                        if k in os.environ)
     failures = []
 
@@ -151,16 +155,18 @@ def main():
     B = C.Sink(wd, "sinkB")
     sinks = [A, B]
     targets = [("direct", A.port)]
-    proxy = None
+    proxies = {}      # target name -> OurProxy
     if not a.no_proxy:
-        try:
-            proxy = C.OurProxy(wd, backends={"sinkA": A.port, "sinkB": B.port})
-            C.log("our proxy up in %.2f s: pid %d port %d"
-                  % (proxy.startup_s, proxy.pid, proxy.port))
-            targets.append(("ours", proxy.port))
-        except C.Fail as e:
-            C.log("FAIL: our proxy did not start:\n%s" % e)
-            failures.append("our proxy did not start: %s" % str(e).splitlines()[0])
+        venvs = [("ours", "proxy", C.venv_dir())]
+        if C.baseline_venv():
+            venvs.append(("base", "base", C.baseline_venv()))
+        for tname, dirname, venv in venvs:
+            p = start_proxy(wd, tname, dirname, venv, A, B, failures)
+            if not p:
+                break       # base is only there to be compared with ours
+            proxies[tname] = p
+            targets.append((tname, p.port))
+    proxy = proxies.get("ours")
     if not a.no_dovecot:
         users = {"bench@split.test": A.port}
         for i in range(2, 21):
@@ -174,9 +180,9 @@ def main():
         failures += ["routing check %s: %s" % (name, p) for p in probs]
 
     # Per process: the largest of the master and its workers.
-    idle_rss = C.largest_kb(C.rss_kb, proxy.pids()) if proxy else None
-    if proxy:
-        for pid in proxy.pids():
+    idle_rss = {t: C.largest_kb(C.rss_kb, p.pids()) for t, p in proxies.items()}
+    for p in proxies.values():
+        for pid in p.pids():
             C.reset_hwm(pid)
 
     cells = []
@@ -197,9 +203,9 @@ def main():
         for run in range(a.runs):
             order = targets[run % len(targets):] + targets[:run % len(targets)]
             for tname, port in order:
-                if tname == "ours" and not proxy.alive():
+                if tname in proxies and not proxies[tname].alive():
                     errs[tname].append("proxy process is gone (exit %s)"
-                                       % proxy.proc.returncode)
+                                       % proxies[tname].proc.returncode)
                     continue
                 before = {x.name: x.mesg() for x in sinks}
                 if tname == "direct" or r == 1:
@@ -235,9 +241,10 @@ def main():
     elapsed = time.time() - t_start
 
     counters = {x.name: x.counters() for x in sinks}
-    final_hwm = C.largest_kb(C.hwm_kb, proxy.pids()) if proxy and proxy.alive() else None
+    final_hwm = {t: C.largest_kb(C.hwm_kb, p.pids())
+                 for t, p in proxies.items() if p.alive()}
     md = render(a, results, [t for t, _ in targets], cmdline, envdesc, wd,
-                idle_rss, final_hwm, counters, failures, elapsed, proxy)
+                idle_rss, final_hwm, counters, failures, elapsed, proxies)
     C.update_section(a.results, "machine", "## Machine and versions\n\n"
                      + C.machine_md())
     C.update_section(a.results, "throughput", md)
@@ -252,6 +259,22 @@ def main():
               file=sys.stderr)
         return 1
     return 0
+
+
+def start_proxy(wd, tname, dirname, venv, A, B, failures):
+    """Our proxy from C{venv} as target C{tname}, or None (a FAIL) if it
+    does not start."""
+    try:
+        p = C.OurProxy(wd, backends={"sinkA": A.port, "sinkB": B.port},
+                       name=dirname, venv=venv)
+    except C.Fail as e:
+        C.log("FAIL: %s proxy did not start:\n%s" % (tname, e))
+        failures.append("%s proxy did not start: %s"
+                        % (tname, str(e).splitlines()[0]))
+        return None
+    C.log("%s proxy up in %.2f s: pid %d port %d"
+          % (tname, p.startup_s, p.pid, p.port))
+    return p
 
 
 def fmt_size(size):
@@ -274,24 +297,83 @@ def cell_fmt(res, t):
     return s
 
 
-def ratio(res, a, b):
+def med_ratio(res, a, b):
+    """Median rate of target a over that of b, or None."""
     x, y = med(res["rates"].get(a, [])), med(res["rates"].get(b, []))
-    if not x or not y:
+    return x / y if x and y else None
+
+
+def ratio(res, a, b):
+    q = med_ratio(res, a, b)
+    return "-" if q is None else "%.2f" % q
+
+
+def spread(v):
+    """Run-to-run noise of one target in one cell: (max - min) / median."""
+    if len(v) < 2:
+        return None
+    return (max(v) - min(v)) / C.median(v)
+
+
+def fmt_pct(x):
+    return "-" if x is None else "%.0f%%" % (x * 100)
+
+
+def beyond_noise(res):
+    """Whether ours is slower than base by more than the larger of their
+    spreads (the issue's criterion); '-' when that cannot be told."""
+    q = med_ratio(res, "ours", "base")
+    noise = [spread(res["rates"][t]) for t in ("ours", "base")]
+    if q is None or None in noise:
         return "-"
-    return "%.2f" % (x / y)
+    return "**SLOWER**" if 1 - q > max(noise) else "no"
 
 
 def row_text(res, tnames):
     cols = [fmt_size(res["size"]), str(res["s"]), str(res["r"]), res["conn"]]
     cols += [cell_fmt(res, t) for t in tnames]
+    if "base" in tnames:
+        cols += [ratio(res, "ours", "base"),
+                 fmt_pct(spread(res["rates"]["ours"])),
+                 fmt_pct(spread(res["rates"]["base"])), beyond_noise(res)]
     if "ours" in tnames:
         cols += [ratio(res, "ours", "dovecot"), ratio(res, "ours", "direct")]
         cols.append(C.mb(res["hwm"]) if res["hwm"] else "-")
     return "| " + " | ".join(cols) + " |"
 
 
+def proxy_md(p, idle_rss, final_hwm):
+    return ("`%s` (pid %d), RSS idle before the matrix %s, peak RSS (VmHWM) "
+            "over the whole matrix %s" % (
+                " ".join(p.argv), p.pid, C.mb(idle_rss) if idle_rss else "?",
+                C.mb(final_hwm) if final_hwm else "? (process gone)"))
+
+
+def baseline_md(results, proxies, idle_rss, final_hwm):
+    """What "base" is, how to read its columns, and the range of ours/base."""
+    ratios = [q for q in (med_ratio(r, "ours", "base") for r in results)
+              if q is not None]
+    slower = ["%s s=%d r=%d %s" % (fmt_size(r["size"]), r["s"], r["r"], r["conn"])
+              for r in results if beyond_noise(r) == "**SLOWER**"]
+    out = ["Baseline `base` (\"%s\", the same proxy installed in %s; same "
+           "config, sinks and workers, interleaved with the other targets in "
+           "every run): %s." % (C.baseline_label(), C.baseline_venv(),
+                                proxy_md(proxies["base"], idle_rss.get("base"),
+                                         final_hwm.get("base"))),
+           "",
+           "`ours/base` = median ours / median base; `noise ours`, `noise "
+           "base` = run-to-run spread of each, (max - min) / median over the "
+           "runs of the cell (`-` with one run); `slower beyond noise` = ours "
+           "is slower than base by more than the larger of the two spreads."]
+    if ratios:
+        out.append("Over the cells, ours/base is %.2f-%.2f; cells slower "
+                   "beyond noise: %s." % (min(ratios), max(ratios),
+                                          ", ".join(slower) or "none"))
+    return out
+
+
 def render(a, results, tnames, cmdline, envdesc, wd, idle_rss, final_hwm,
-           counters, failures, elapsed, proxy):
+           counters, failures, elapsed, proxies):
     out = ["## Throughput (smtp-source -L -> target -> smtp-sink -L)", ""]
     out.append("Command: `%s%s` (run %s, %.0f s)." % (
         (envdesc + " ") if envdesc else "", cmdline,
@@ -306,18 +388,21 @@ def render(a, results, tnames, cmdline, envdesc, wd, idle_rss, final_hwm,
                "`new` = one connection per message, `keep` = smtp-source -d."
                % (a.msgs, a.msgs_large, a.runs))
     out.append("")
-    if proxy:
-        out.append("Our proxy: `%s` (pid %d), RSS idle before the matrix %s, "
-                   "peak RSS (VmHWM) over the whole matrix %s (each figure is "
-                   "the largest of the master's and the workers')."
-                   % (" ".join(proxy.argv), proxy.pid,
-                      C.mb(idle_rss) if idle_rss else "?",
-                      C.mb(final_hwm) if final_hwm else "? (process gone)"))
+    if "ours" in proxies:
+        out.append("Our proxy: %s (each figure is the largest of the master's "
+                   "and the workers')." % proxy_md(proxies["ours"],
+                                                  idle_rss.get("ours"),
+                                                  final_hwm.get("ours")))
     else:
         out.append("Our proxy: **not measured** (--no-proxy / NO_PROXY=1, or "
                    "it failed to start).")
     out.append("")
+    if "base" in proxies:
+        out += baseline_md(results, proxies, idle_rss, final_hwm)
+        out.append("")
     head = ["size", "sessions", "rcpts", "conn"] + tnames
+    if "base" in tnames:
+        head += ["ours/base", "noise ours", "noise base", "slower beyond noise"]
     if "ours" in tnames:
         head += ["ours/dovecot", "ours/direct", "proxy VmHWM so far"]
     out.append("| " + " | ".join(head) + " |")

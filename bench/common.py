@@ -7,6 +7,7 @@ that PID only: SIGTERM, then SIGKILL after 10 s.  Everything listens on
 """
 
 import atexit
+import filecmp
 import os
 import pwd
 import re
@@ -163,15 +164,14 @@ def wait_greeting(port, timeout=15.0, proc=None):
             raise Fail("process exited with status %s before listening on %d"
                        % (proc.returncode, port))
         try:
-            with socket.create_connection(("127.0.0.1", port), 1) as s:
-                s.settimeout(2)
-                data = s.recv(512)
-                if data.startswith(b"220"):
-                    s.sendall(b"QUIT\r\n")
-                    return
-                last = data
-        except OSError as e:
+            c = LMTPClient(port, timeout=2, lhlo=False)
+        except (OSError, LMTPError) as e:
             last = e
+        else:
+            c.quit()
+            if c.greeting[0] == "220":
+                return
+            last = c.greeting
         time.sleep(0.05)
     raise Fail("nothing answered 220 on 127.0.0.1:%d within %.0f s (%r)"
                % (port, timeout, last))
@@ -382,6 +382,18 @@ def venv_dir():
     return os.path.abspath(os.environ.get("VENV") or os.path.join(REPO, ".venv"))
 
 
+def baseline_venv():
+    """The venv of the "before" proxy (BASELINE_VENV), or None: when set,
+    bench.py and memory.py measure it as the extra target "base"."""
+    venv = os.environ.get("BASELINE_VENV")
+    return os.path.abspath(venv) if venv else None
+
+
+def baseline_label():
+    """What the "before" proxy is, e.g. a commit (BASELINE_LABEL)."""
+    return os.environ.get("BASELINE_LABEL") or os.path.basename(baseline_venv())
+
+
 def proxy_yaml(port, backends, users, extra_config="", workers=None):
     """backends: {name: port}; users: list of (key, backend) in order."""
     if workers is None:
@@ -411,10 +423,11 @@ BENCH_USERS = [("@bench.test", "sinkA"),
 
 
 class OurProxy:
-    """twistd -n lmtp-proxy from $VENV (default REPO/.venv)."""
+    """twistd -n lmtp-proxy from C{venv} (default $VENV, else REPO/.venv)."""
 
     def __init__(self, workdir, yaml_text=None, backends=None, users=None,
-                 name="proxy", port=None, timeout=60.0, workers=None):
+                 name="proxy", port=None, timeout=60.0, workers=None,
+                 venv=None):
         self.dir = d = os.path.join(workdir, name)
         os.makedirs(d, exist_ok=True)
         self.name = name
@@ -425,10 +438,11 @@ class OurProxy:
                                    workers=workers)
         with open(self.config, "w") as f:
             f.write(yaml_text)
-        self.venv = venv_dir()
+        self.venv = venv or venv_dir()
         twistd = os.path.join(self.venv, "bin", "twistd")
         if not os.access(twistd, os.X_OK):
-            raise Fail("no %s (set VENV, or run 'make -C bench venv')" % twistd)
+            raise Fail("no %s (set VENV or BASELINE_VENV, or run 'make "
+                       "install')" % twistd)
         self.logfile = os.path.join(d, "proxy.log")
         self.pidfile = os.path.join(d, "p.pid")
         if os.path.exists(self.pidfile):
@@ -478,8 +492,15 @@ class LMTPClient:
         self.sock = socket.create_connection((host, port), timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
-        self.greeting = self.reply()
+        # Closed here rather than by the garbage collector: wait_greeting()
+        # keeps the last error, and with it this object, while it retries.
+        try:
+            self.greeting = self.reply()
+        except (OSError, LMTPError):
+            self.sock.close()
+            raise
         if not self.greeting[0].startswith("2"):
+            self.sock.close()
             raise LMTPError("greeting %r" % (self.greeting,))
         if lhlo:
             self.cmd("LHLO bench.client.test")
@@ -588,17 +609,10 @@ def machine_info():
             if line.startswith("MemTotal"):
                 mem = "%.1f GiB" % (int(line.split()[1]) / 1048576)
     venv = venv_dir()
-    py = os.path.join(venv, "bin", "python")
-    if os.access(py, os.X_OK):
-        pyver = _cmd_out([py, "-c", "import sys; print(sys.version.split()[0])"])
-        tw = _cmd_out([py, "-c", "import twisted; print(twisted.__version__)"])
-        ours = _cmd_out([py, "-c", "import lmtp_proxy, os; print(getattr("
-                         "lmtp_proxy, '__version__', '?'), "
-                         "os.path.dirname(lmtp_proxy.__file__))"])
-    else:
-        pyver = tw = ours = "(no venv at %s)" % venv
+    pyver, tw, ours = venv_info(venv)
+    stale = installed_differs(ours.split(" ", 1)[-1])
     git = _cmd_out(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
-    return [
+    info = [
         ("host", "%s, nproc=%s, CPU: %s, RAM %s, kernel %s, loadavg at start %s"
          % (os.uname().nodename, os.cpu_count(), cpu, mem, os.uname().release,
             " ".join(open("/proc/loadavg").read().split()[:3]))),
@@ -606,9 +620,53 @@ def machine_info():
         ("Twisted", tw),
         ("Postfix", _cmd_out(["postconf", "-d", "mail_version"])),
         ("Dovecot", _cmd_out(["dovecot", "--version"])),
-        ("lmtp-proxy", "%s (git %s)" % (ours, git or "no commits")),
-        ("orchestrator python", sys.version.split()[0]),
+        ("lmtp-proxy", "%s (git %s)%s" % (
+            ours, git or "no commits",
+            ("; **installed copy differs from the working tree**: "
+             + ", ".join(stale)) if stale else "")),
     ]
+    base = baseline_venv()
+    if base:
+        pyver, tw, theirs = venv_info(base)
+        info.append(("baseline lmtp-proxy \"%s\" (venv %s)"
+                     % (baseline_label(), base),
+                     "%s; python %s, Twisted %s" % (theirs, pyver, tw)))
+    info.append(("orchestrator python", sys.version.split()[0]))
+    return info
+
+
+def venv_info(venv):
+    """(python version, Twisted version, "lmtp-proxy version and package
+    directory") of the venv."""
+    py = os.path.join(venv, "bin", "python")
+    if not os.access(py, os.X_OK):
+        return ("(no venv at %s)" % venv,) * 3
+    return (_cmd_out([py, "-c", "import sys; print(sys.version.split()[0])"]),
+            _cmd_out([py, "-c", "import twisted; print(twisted.__version__)"]),
+            _cmd_out([py, "-c", "import lmtp_proxy, os; print(getattr("
+                      "lmtp_proxy, '__version__', '?'), "
+                      "os.path.dirname(lmtp_proxy.__file__))"]))
+
+
+def installed_differs(pkgdir):
+    """Modules in which the installed package differs from the working
+    tree's lmtp_proxy/: a venv not reinstalled since an edit measures old
+    code, which would make a before/after comparison meaningless."""
+    tree = os.path.join(REPO, "lmtp_proxy")
+    if not os.path.isdir(pkgdir) or os.path.samefile(pkgdir, tree):
+        return []
+    names = {n for d in (tree, pkgdir) for n in os.listdir(d)
+             if n.endswith(".py")}
+    return sorted(n for n in names
+                  if not _same_file(os.path.join(tree, n),
+                                    os.path.join(pkgdir, n)))
+
+
+def _same_file(a, b):
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def machine_md():

@@ -6,7 +6,8 @@
 2. RSS with 1,000 concurrent idle client sessions (connect, LHLO, hold).
 3. Latency added per message at one kept session: median and p99 of the
    per-message round trip (MAIL .. last per-recipient reply) of a small
-   Python LMTP client, proxy vs direct sink (and Dovecot's proxy).
+   Python LMTP client, proxy vs direct sink (and Dovecot's proxy; and, with
+   BASELINE_VENV set, our proxy from that venv as "base").
 
     bench/memory.py [--quick] [--big-mb 50] [--sessions 1000]
                     [--latency-msgs 2000] [--no-dovecot] [--results FILE]
@@ -174,6 +175,21 @@ def latency(targets, sinks, msgs, rcpts, block=100):
     return times, errors
 
 
+def start_baseline(wd, A, B, failures):
+    """The "before" proxy from BASELINE_VENV for the latency comparison, or
+    None (not set, or a FAIL).  Started only now, so that it is not in the
+    way of the memory measurements above."""
+    if not C.baseline_venv():
+        return None
+    try:
+        return C.OurProxy(wd, backends={"sinkA": A.port, "sinkB": B.port},
+                          name="base", workers=1, venv=C.baseline_venv())
+    except C.Fail as e:
+        C.log("FAIL: base proxy did not start:\n%s" % e)
+        failures.append("base proxy did not start: %s" % str(e).splitlines()[0])
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true",
@@ -283,6 +299,9 @@ def main():
     # 3. latency
     if proxy.alive():
         targets = [("direct", A.port), ("ours", proxy.port)]
+        baseline = start_baseline(wd, A, B, failures)
+        if baseline:
+            targets.append(("base", baseline.port))
         if dove:
             targets.append(("dovecot", dove.port))
         out.append("### Latency per message, one kept session, 1 KB")
@@ -292,6 +311,11 @@ def main():
                    "pipelining); %d messages per target, in blocks of 100 "
                    "interleaved across the targets.  'added' = proxy minus "
                    "direct." % a.latency_msgs)
+        if baseline:
+            out.append("`base` = \"%s\", the same proxy installed in %s "
+                       "(`workers: 1` too): `%s`."
+                       % (C.baseline_label(), C.baseline_venv(),
+                          " ".join(baseline.argv)))
         out.append("")
         out.append("| rcpts | target | median | p90 | p99 | max | added (median) "
                    "| added (p99) |")

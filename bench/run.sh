@@ -15,6 +15,12 @@
 # Environment:
 #   VENV=DIR      venv holding the proxy (default: .venv at the repo root;
 #                 `make bench` creates it)
+#   BASELINE_VENV=DIR  a second venv with the proxy "before" a change (e.g.
+#                 an older commit, installed with pip install): steps 1 and 2
+#                 also measure it as target "base", interleaved with ours,
+#                 and report ours/base and the run-to-run noise of both
+#   BASELINE_LABEL=TEXT  what the baseline is, e.g. its commit (default: the
+#                 venv directory's name)
 #   QUICK=1       small message counts, one run per cell (a few minutes)
 #   NO_PROXY=1    direct and Dovecot only (skips steps 2 and 3)
 #   RUNS, MSGS, MSGS_LARGE   override runs per cell / messages per run
@@ -23,6 +29,15 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 export VENV=${VENV:-$repo/.venv}
+# Resolved before the cd below, so that a relative path means what it says.
+if [ -n "${BASELINE_VENV:-}" ]; then
+    if [ ! -x "$BASELINE_VENV/bin/twistd" ]; then
+        echo "bench/run.sh: BASELINE_VENV=$BASELINE_VENV has no bin/twistd" >&2
+        exit 1
+    fi
+    BASELINE_VENV=$(cd "$BASELINE_VENV" && pwd)
+    export BASELINE_VENV
+fi
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 export BENCH_CMDLINE="bench/run.sh${*:+ $*}"
 cd "$repo"

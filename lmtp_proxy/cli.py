@@ -27,6 +27,7 @@ import sys
 from typing import Callable, Sequence
 
 from lmtp_proxy.config import DEFAULT_CONFIG
+from lmtp_proxy.listening import describeListen
 
 PROG = "lmtp-proxy"
 DEFAULT_RELOAD_TIMEOUT = 300
@@ -163,29 +164,6 @@ def _subParser(name: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def describeListen(config) -> str:
-    """
-    The listening socket of C{config}: C{"unix:/path (owner ..., mode
-    0660)"} or C{"host:port"}.
-    """
-    sock = config.socket
-    if isinstance(sock, str):
-        extra = []
-        if config.owner is not None:
-            extra.append(f"owner {config.owner}")
-        if config.group is not None:
-            extra.append(f"group {config.group}")
-        if config.permissions is not None:
-            extra.append(f"mode {config.permissions:04o}")
-        return f"unix:{sock}" + (f" ({', '.join(extra)})" if extra else "")
-    host, port = sock
-    if not host:
-        host = "*"
-    elif ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{port}"
-
-
 def displayAddress(address: str) -> str:
     """
     A control socket address for humans: abstract names (leading NUL) are
@@ -271,7 +249,7 @@ def routeCommand(args: Sequence[str]) -> int:
     table = RoutingTable.fromConfig(config)
     status = 0
     for address, local, domain in parsed:
-        route = table.route(local, domain)
+        route = table.lookup(local, domain)
         if route is None:
             status = 1
         _out(f"{address}\t{describeRoute(route)}")

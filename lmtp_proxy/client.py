@@ -11,9 +11,7 @@ knows the 4xx reply the recipients it touches should get.
 """
 
 import base64
-import re
 from collections import deque
-from dataclasses import dataclass
 
 from twisted.internet import defer, protocol
 from twisted.internet.abstract import isIPAddress as isIPv4Address, isIPv6Address
@@ -28,69 +26,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 
 from lmtp_proxy.outbox import Outbox
-
-_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(\s|$)")
-
-
-@dataclass(frozen=True)
-class Reply:
-    """
-    One SMTP/LMTP reply: a code and its text lines.
-    """
-
-    code: int
-    lines: tuple = ("",)
-
-    @property
-    def positive(self):
-        return 200 <= self.code < 300
-
-    @property
-    def transient(self):
-        return 400 <= self.code < 500
-
-    def withEnhancedCode(self):
-        """
-        Return this reply with an enhanced status code (RFC 3463) on every
-        line, adding the generic C{X.0.0} where the backend sent none.
-        """
-        lines = self.lines
-        if len(lines) == 1 and _ENHANCED.match(lines[0]):
-            return self
-        if all(_ENHANCED.match(line) for line in lines):
-            return self
-        prefix = "%d.0.0" % (self.code // 100,)
-        return Reply(
-            self.code,
-            tuple(
-                line if _ENHANCED.match(line) else (prefix + " " + line).rstrip()
-                for line in self.lines
-            ),
-        )
-
-    def toBytes(self):
-        """
-        Encode as the bytes of a reply on the wire.
-        """
-        if len(self.lines) == 1:
-            return b"%d %s\r\n" % (self.code, self.lines[0].encode("utf-8", "replace"))
-        last = len(self.lines) - 1
-        return b"".join(
-            b"%d%s%s\r\n"
-            % (self.code, b" " if i == last else b"-", line.encode("utf-8", "replace"))
-            for i, line in enumerate(self.lines)
-        )
-
-    def __str__(self):
-        return " / ".join("%d %s" % (self.code, line) for line in self.lines)
-
-
-def reply(code, text):
-    """
-    Build a one-line L{Reply}.
-    """
-    return Reply(code, (text,))
-
+from lmtp_proxy.reply import Reply, reply
 
 class BackendError(Exception):
     """
@@ -185,7 +121,6 @@ class LMTPClient(LineOnlyReceiver):
         self._inFlight = 0
         self._lines = []
         self._timer = None
-        self._deadline = None
         self._failure = None
         self.extensions = {}
         self.pipelining = False
@@ -383,37 +318,34 @@ class LMTPClient(LineOnlyReceiver):
 
     def _armTimer(self):
         """
-        Move the reply deadline to a full timeout from now. The timer itself
-        moves only when it fires early or would fire too late: moving it on
-        every reply line would cost a cancel and an insert each time.
+        Give the oldest reply awaited a full timeout from now, or stop the
+        timer when none is awaited. C{DelayedCall.reset} to a later time
+        only records the delay, so moving the deadline on every reply line
+        costs no timer cancel and insert.
         """
         if not self._waiters or self._failure is not None:
-            self._deadline = None
+            self._stopTimer()
             return
         timeout = self._waiters[0].timeout
-        self._deadline = self._clock.seconds() + timeout
-        if self._timer is not None and self._timer.getTime() > self._deadline:
-            self._timer.cancel()
-            self._timer = None
         if self._timer is None:
-            self._timer = self._clock.callLater(timeout, self._checkDeadline)
-
-    def _checkDeadline(self):
-        self._timer = None
-        if self._deadline is None:
-            return
-        remaining = self._deadline - self._clock.seconds()
-        if remaining > 0:
-            self._timer = self._clock.callLater(remaining, self._checkDeadline)
+            self._timer = self._clock.callLater(timeout, self._timedOut)
         else:
-            self._fail(BackendTimeout("no reply in time"))
+            self._timer.reset(timeout)
+
+    def _stopTimer(self):
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _timedOut(self):
+        self._timer = None
+        self._fail(BackendTimeout("no reply in time"))
 
     def _fail(self, error):
         if self._failure is None:
             self._failure = error
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+            self._stopTimer()
             if self.transport is not None:
                 self.transport.abortConnection()
         self._unsent.clear()

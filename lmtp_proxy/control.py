@@ -5,6 +5,8 @@ One request line, one reply line (see C{docs/design.rst}). Unless the
 configuration names a path, the socket is a Linux abstract socket named after
 the configuration file, so the file alone identifies a running proxy and two
 proxies never share one.
+
+L{ControlSocket} is the proxy's child service that listens on it.
 """
 
 import hashlib
@@ -12,12 +14,15 @@ import os
 import socket
 import struct
 
+from twisted.application import service
 from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from lmtp_proxy.config import ConfigError
+from lmtp_proxy.listening import removeStaleSocket
 from lmtp_proxy.state import DrainTimeout
+from lmtp_proxy.twisted_internals import listenUNIXQuietly
 
 
 def controlAddress(config):
@@ -60,23 +65,23 @@ class ControlProtocol(LineOnlyReceiver):
         Run one request.
         """
         words = line.decode("ascii", "replace").split()
-        service = self.factory.service
+        reloader = self.factory.reloader
         if words == ["status"]:
-            state = service.state
+            state = reloader.state
             self._answer(
                 "ok generation=%d transactions=%d"
                 % (state.generation, state.transactions)
             )
         elif words == ["reload"]:
-            service.reload().addCallbacks(self._reloaded, self._failed)
+            reloader.reload().addCallbacks(self._reloaded, self._failed)
         elif len(words) == 2 and words[0] == "reload-wait" and _isNumber(words[1]):
             timeout = float(words[1])
 
             def wait(result):
                 generation, _ = result
-                return service.whenDrained(generation, timeout)
+                return reloader.whenDrained(generation, timeout)
 
-            service.reload().addCallback(wait).addCallbacks(
+            reloader.reload().addCallback(wait).addCallbacks(
                 lambda generation: self._answer(
                     "ok generation=%d drained" % (generation,)
                 ),
@@ -112,10 +117,62 @@ def _isNumber(text):
 
 class ControlFactory(protocol.Factory):
     """
-    Builds L{ControlProtocol}s for one L{lmtp_proxy.service.ProxyService}.
+    Builds L{ControlProtocol}s that ask C{reloader} (the proxy's
+    L{lmtp_proxy.service.Reloader}) to reload and wait.
     """
 
     protocol = ControlProtocol
 
-    def __init__(self, service):
-        self.service = service
+    def __init__(self, reloader):
+        self.reloader = reloader
+
+
+class ControlSocket(service.Service):
+    """
+    Listens on the control socket while the proxy runs.
+
+    @ivar port: the listening port, once bound.
+    """
+
+    name = "control"
+    log = Logger()
+    port = None
+
+    def __init__(self, reactor, address, reloader):
+        """
+        @param address: the socket, from L{controlAddress}.
+        @param reloader: what the requests reach, as for L{ControlFactory}.
+        """
+        self._reactor = reactor
+        self.address = address
+        self._factory = ControlFactory(reloader)
+
+    def privilegedStartService(self):
+        """
+        Bind the control socket. One that cannot be bound costs only
+        C{reload --wait}, so the proxy starts without it.
+
+        @see: L{twisted.application.service.IService.privilegedStartService}
+        """
+        try:
+            if not self.address.startswith("\0"):
+                removeStaleSocket(self.address)
+            self.port = listenUNIXQuietly(self._reactor, self.address, self._factory, 0o600)
+        except Exception as e:
+            self.log.warn(
+                "control socket unavailable ({error}); "
+                "reload --wait will not work, SIGUSR1 still reloads",
+                error=e,
+            )
+        service.Service.privilegedStartService(self)
+
+    def stopService(self):
+        """
+        Stop answering requests.
+
+        @see: L{twisted.application.service.IService.stopService}
+        """
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()

@@ -12,9 +12,12 @@ import random
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.mail import smtp
 from zope.interface import implementer
 
-from lmtp_proxy.client import BackendError, BackendLost, BackendTimeout, reply
+from lmtp_proxy.client import BackendError, BackendLost, BackendTimeout
+from lmtp_proxy.interfaces import IMessageStream, ITransaction
+from lmtp_proxy.reply import reply
 from lmtp_proxy.routing import REJECT
 
 # Message bytes held for a backend that has not answered DATA yet, past
@@ -398,21 +401,76 @@ class BackendSession:
         client.command(b"RSET").addCallbacks(resetDone, lambda f: None)
 
 
-class Recipient:
+class RecipientRefused(smtp.SMTPBadRcpt):
     """
-    One accepted RCPT of a transaction.
+    A recipient refused at RCPT, by its backend or by the routing: C{reply}
+    is what the client gets, the backend's own code and text where it gave
+    them.
     """
 
-    __slots__ = ("address", "route")
+    def __init__(self, user, result):
+        # Not SMTPBadRcpt.__init__: it would parse the address again.
+        Exception.__init__(self, result)
+        self.addr = user.dest
+        self.code = result.code
+        self.resp = "\n".join(result.lines)
+        self.reply = result
 
-    def __init__(self, address, route):
+
+@implementer(IMessageStream)
+class AcceptedRecipient:
+    """
+    One recipient a backend accepted: the message object that
+    C{validateTo} hands out for it (it is its own builder), whose data goes
+    to the shared L{Transaction} and whose C{eomReceived} is this
+    recipient's own verdict.
+    """
+
+    __slots__ = ("address", "route", "transaction", "rcptReply", "verdict")
+
+    def __init__(self, address, route, transaction, rcptReply):
         self.address = address
         self.route = route
+        self.transaction = transaction
+        self.rcptReply = rcptReply
+        self.verdict = None
+
+    def __call__(self):
+        return self
+
+    def lineReceived(self, line):
+        """
+        See L{IMessage.lineReceived}: for a server that feeds lines rather
+        than chunks.
+        """
+        self.transaction.lineReceived(self, line)
+
+    def eomReceived(self):
+        """
+        See L{IMessage.eomReceived}: a L{Deferred} firing with this
+        recipient's L{Reply}.
+        """
+        if self.verdict is None:
+            self.transaction.endData()
+        return self.verdict
+
+    def connectionLost(self):
+        """
+        See L{IMessage.connectionLost}: the client left before the end of
+        the message, which is delivered nowhere.
+        """
+        self.transaction.abort()
 
 
+def _ignore(reason):
+    pass
+
+
+@implementer(ITransaction)
 class Transaction:
     """
-    One MAIL transaction of a client session.
+    One MAIL transaction of a client session: its recipients' backend
+    sessions and the message they share.
     """
 
     def __init__(self, delivery, client, sender, params):
@@ -427,97 +485,130 @@ class Transaction:
         self.sessions = {}
         self.accepted = []
         self._ended = False
+        self._dataEnded = False
+        self._lineFeeder = None
         self._why = None
         self._unsettled = 0
 
-    def rcpt(self, address, local, domain, params):
+    def rcpt(self, user):
         """
-        Route one recipient and return the reply for the client, or a
-        L{Deferred} firing with it.
+        Route one recipient and send its RCPT to its backend.
 
-        @param address: the address exactly as the client sent it (bytes).
-        @param local: its local part, for routing (str).
-        @param domain: its domain or C{None} (str).
+        @param user: an L{lmtp_proxy.envelope.Recipient}.
+        @return: a L{Deferred} firing with an L{AcceptedRecipient} once the
+            backend accepted it, or failing with L{RecipientRefused}.
+        @raise RecipientRefused: at once, for a recipient without a route or
+            routed to C{reject}.
         """
-        state = self.delivery.state
-        route = state.table.route(local, domain)
+        route = self.delivery.state.table.route(user.dest.mailbox)
+        if isinstance(route, defer.Deferred):
+            return route.addCallback(self._routed, user)
+        return self._routed(route, user)
+
+    def _routed(self, route, user):
+        address = user.dest.raw
         if route is None:
             self._outcome(address, None, UNROUTED)
-            return UNROUTED
+            raise RecipientRefused(user, UNROUTED)
         if route.backend == REJECT:
             self._outcome(address, route, REJECTED)
-            return REJECTED
+            raise RecipientRefused(user, REJECTED)
         session = self.sessions.get(route.backend)
         if session is None:
-            session = BackendSession(self, state.config.backends[route.backend])
+            session = BackendSession(self, self.config.backends[route.backend])
             self.sessions[route.backend] = session
-        return session.rcpt(address, params).addCallback(
-            self._rcptAnswered, address, route, session
+        return session.rcpt(address, user.dest.params).addCallback(
+            self._rcptAnswered, user, route, session
         )
 
-    def _rcptAnswered(self, result, address, route, session):
+    def _rcptAnswered(self, result, user, route, session):
+        address = user.dest.raw
         if self._ended or self._why is not None:
             # The client left or reset while this RCPT was at the backend:
             # whatever the backend said, or the BackendLost that dropping it
             # caused, the recipient's outcome is the client's doing.
             session.abort()
             self._outcome(address, route, None, self._why or "transaction ended")
-            return ABORTED
+            raise RecipientRefused(user, ABORTED)
         if result.positive:
-            self.accepted.append(Recipient(address, route))
-        else:
-            self._outcome(address, route, result)
-        return result
+            recipient = AcceptedRecipient(address, route, self, result)
+            self.accepted.append(recipient)
+            return recipient
+        self._outcome(address, route, result)
+        raise RecipientRefused(user, result)
+
+    # ITransaction
 
     def startData(self, pauseClient, resumeClient):
         """
-        Send DATA to every backend that accepted a recipient; the message
-        may follow at once.
+        See L{ITransaction.startData}: send DATA to every backend that
+        accepted a recipient; the message may follow at once.
         """
         for session in self.sessions.values():
             session.startData(pauseClient, resumeClient)
 
     def write(self, data):
         """
-        Relay a piece of the message, still dot-stuffed, to every backend.
+        See L{ITransaction.write}: relay a piece of the message, still
+        dot-stuffed, to every backend.
         """
         for session in self.sessions.values():
             session.write(data)
 
-    def finish(self):
+    def endData(self):
         """
-        End the message on every backend.
-
-        @return: one L{Deferred} per accepted recipient, in RCPT order, each
-            firing with the reply for the client.
+        See L{ITransaction.endData}: end the message on every backend; each
+        accepted recipient's C{verdict} then fires with its reply.
         """
+        if self._dataEnded:
+            return
+        self._dataEnded = True
         pending = {name: iter(s.finish()) for name, s in self.sessions.items()}
-        results = []
         for recipient in self.accepted:
             d = next(pending[recipient.route.backend])
             d.addCallback(self._delivered, recipient).addBoth(self._settled)
-            results.append(d)
-        self._unsettled = len(results)
-        if not results:
+            recipient.verdict = d
+        self._unsettled = len(self.accepted)
+        if not self.accepted:
             self._end()
-        return results
 
-    def fail(self, result):
+    def refuse(self, result):
         """
-        Refuse the message for every accepted recipient with C{result},
-        without completing it on any backend.
+        See L{ITransaction.refuse}: drop the message at every backend
+        without completing it; every accepted recipient gets C{result}.
         """
+        self._dataEnded = True
         for session in self.sessions.values():
             session.abort()
         for recipient in self.accepted:
             self._outcome(recipient.address, recipient.route, result)
+            recipient.verdict = defer.succeed(result)
         self._end()
-        return [result] * len(self.accepted)
+
+    def lineReceived(self, recipient, line):
+        """
+        One unstuffed line of the message, from a server that feeds lines
+        to every recipient's message: taken from the first recipient only,
+        so the message is written once.
+        """
+        if recipient is not self.accepted[0] or self._dataEnded:
+            return
+        if self._lineFeeder is None:
+            self._lineFeeder = recipient
+            self.startData(_ignore, _ignore)
+        if line.startswith(b"."):
+            line = b"." + line
+        self.write(line + b"\r\n")
+
+    # the end of a transaction without its message
 
     def abort(self, why="connection closed before the end of the message"):
         """
-        Drop every backend transaction so nothing is delivered anywhere.
+        Drop every backend transaction so nothing is delivered anywhere;
+        nothing to do once the final dot went out (the verdicts are coming).
         """
+        if self._dataEnded:
+            return
         # Before the sessions: dropping them fails a RCPT still at a backend,
         # and that must be logged as aborted, not as a backend fault.
         self._why = why

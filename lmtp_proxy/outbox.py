@@ -11,7 +11,7 @@ nothing is queued ahead, and leaves anything the socket does not take to
 Twisted's own buffering, flow control and error handling.
 """
 
-from twisted.internet import tcp
+from lmtp_proxy.twisted_internals import sendOnSocket
 
 
 def sendNow(transport, data):
@@ -24,26 +24,9 @@ def sendNow(transport, data):
     error) goes through C{transport.write}, so ordering, C{loseConnection},
     C{abortConnection} and error reporting stay Twisted's.
     """
-    # _aborting and _tempDataBuffer are Twisted's own; should a release
-    # rename them, every write falls back to transport.write, which is slower
-    # but still right (tests.test_outbox notices).
-    if (
-        isinstance(transport, tcp.Connection)
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "_aborting", True)
-        and not getattr(transport, "TLS", True)
-        and not transport.dataBuffer
-        and not getattr(transport, "_tempDataBuffer", True)
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
+    sent = sendOnSocket(transport, data)
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 class Outbox:

@@ -17,7 +17,7 @@ import os
 import sys
 from types import MappingProxyType
 
-from twisted.internet import defer, utils
+from twisted.internet import defer, error, protocol
 from twisted.internet.threads import deferToThreadPool
 
 import lmtp_proxy
@@ -133,6 +133,37 @@ def childEnvironment():
     return env
 
 
+class _Loader(protocol.ProcessProtocol):
+    """
+    Collects the loading child's output, errors and exit status in
+    C{done}; cancelling C{done} kills the child.
+    """
+
+    def __init__(self):
+        self._out = []
+        self._err = []
+        self.done = defer.Deferred(self._kill)
+
+    def _kill(self, done):
+        try:
+            self.transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    def outReceived(self, data):
+        self._out.append(data)
+
+    def errReceived(self, data):
+        self._err.append(data)
+
+    def processEnded(self, reason):
+        if not self.done.called:
+            status = reason.value.exitCode
+            if status is None:
+                status = "signal %s" % (reason.value.signal,)
+            self.done.callback((b"".join(self._out), b"".join(self._err), status))
+
+
 # Seconds the child may take (100,000 users take about 3 s): a file on a
 # hung network mount must not hold every later reload back.
 LOAD_TIMEOUT = 120.0
@@ -146,12 +177,16 @@ def reloadConfig(reactor, old):
         C{data} being the L{serialize}d configuration, or failing with
         L{configuration.ConfigError}.
     """
-    child = utils.getProcessOutputAndValue(
+    loader = _Loader()
+    reactor.spawnProcess(
+        loader,
         sys.executable,
-        ["-m", "lmtp_proxy.reloader", old.source],
+        [sys.executable, "-m", "lmtp_proxy.reloader", old.source],
         env=childEnvironment(),
-        reactor=reactor,
-    ).addTimeout(LOAD_TIMEOUT, reactor)
+    )
+    # Cancelling on timeout kills the child: a load stuck on a hung file
+    # must not leave a process behind.
+    child = loader.done.addTimeout(LOAD_TIMEOUT, reactor)
 
     def parsed(result):
         output, errors, status = result

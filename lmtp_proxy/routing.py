@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lmtp_proxy.config import Config
+from zope.interface import implementer
+
+from lmtp_proxy.interfaces import IRoutingSource
 
 __all__ = ["REJECT", "Route", "RoutingTable", "describeRoute"]
 
@@ -29,6 +30,7 @@ class Route:
     how: str
 
 
+@implementer(IRoutingSource)
 class RoutingTable:
     """
     An immutable, case-insensitive map from recipients to backends.
@@ -69,9 +71,12 @@ class RoutingTable:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
     @classmethod
-    def fromConfig(cls, config: Config) -> RoutingTable:
+    def fromConfig(cls, config) -> RoutingTable:
         """
-        The routing table a L{lmtp_proxy.config.Config} describes.
+        The routing table a L{lmtp_proxy.config.Config} describes (read for
+        its C{users}, C{ignore_domain}, C{fallback_backend} and
+        C{recipient_delimiter}, so this module needs nothing of the
+        configuration's own).
         """
         return cls(
             config.users,
@@ -117,7 +122,17 @@ class RoutingTable:
                     return local[:i] if i else None
         return None
 
-    def route(self, local: str, domain: str | None) -> Route | None:
+    def route(self, address: str) -> Route | None:
+        """
+        See L{IRoutingSource.route}: the route for C{address} (a mailbox
+        C{local@domain}, or a bare local part), found synchronously.
+        """
+        local, at, domain = address.rpartition("@")
+        if not at:
+            return self.lookup(address, None)
+        return self.lookup(local, domain)
+
+    def lookup(self, local: str, domain: str | None) -> Route | None:
         """
         The route for recipient C{local@domain} (C{domain} None for an address
         without C{@}), or None when no key matches and there is no fallback.

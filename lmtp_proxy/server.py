@@ -1,24 +1,46 @@
 """
 The LMTP server (RFC 2033) that faces the MTA.
 
-This is not a subclass of C{twisted.mail.smtp.ESMTP}: most of what that
-class does has to be undone for an LMTP proxy (no LHLO, EHLO on unix
-sockets, one reply after the final dot, replies out of order when pipelined,
-message bodies executed as commands after a long line, header guessing; see
-C{docs/twisted-mail-pitfalls.md}). Instead one protocol object owns the whole
-session state, reads its input itself, and never looks at a command while
-the reply to an earlier one is outstanding, so replies always go out in
-command order.
+It gets its delivery the way C{twisted.mail}'s servers do: it logs in to a
+C{twisted.cred} L{Portal} for each session and uses the
+L{IMessageDelivery} avatar; each accepted RCPT gives one message, whose
+C{eomReceived} is that recipient's own reply after the final dot (LMTP's
+per-recipient model). Messages that provide
+L{lmtp_proxy.interfaces.IMessageStream} get the data as raw chunks through
+their shared L{lmtp_proxy.interfaces.ITransaction}; any other
+C{twisted.mail} message gets it line by line.
+
+The protocol is not a subclass of C{twisted.mail.smtp.ESMTP}: most of what
+that class does would have to be undone for LMTP (no LHLO, EHLO crashing on
+unix sockets, one reply after the final dot, replies out of order when
+pipelined, message bodies run as commands after a long line, header
+guessing; see C{docs/twisted-pitfalls.rst} and C{docs/design.rst}). Instead
+one protocol object owns the session, in one explicit C{mode} with one
+input handler per mode, reads its input itself, and never looks at a
+command while the reply to an earlier one is outstanding, so replies always
+go out in command order.
 """
 
 import re
 
+from twisted.cred.credentials import Anonymous
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
-from lmtp_proxy.client import Reply, reply
+from lmtp_proxy.envelope import Path, Recipient
+from lmtp_proxy.interfaces import (
+    ILMTPDelivery,
+    IMessageDelivery,
+    IMessageStream,
+    ITransaction,
+)
+from lmtp_proxy.outbox import Outbox
+from lmtp_proxy.reply import Reply, reply
 
 MAX_COMMAND_LINE = 4096
 # Past this much unread pipelined input, stop reading until the replies
@@ -34,6 +56,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOTIFY = re.compile(r"^(NEVER|(SUCCESS|FAILURE|DELAY)(,(SUCCESS|FAILURE|DELAY))*)$", re.I)
 
 OK = reply(250, "2.0.0 Ok")
+SENDER_OK = reply(250, "2.1.0 Ok")
+RECIPIENT_OK = reply(250, "2.1.5 Ok")
+DELIVERED = reply(250, "2.0.0 Ok: delivered")
 BAD_SEQUENCE_LHLO = reply(503, "5.5.1 Error: send LHLO first")
 NEED_MAIL = reply(503, "5.5.1 Error: need MAIL command")
 NEED_RCPT = reply(503, "5.5.1 Error: no valid recipients")
@@ -51,9 +76,33 @@ SMUGGLING = reply(
     "in the message",
 )
 
+# The session's modes; see docs/design.rst for what moves between them.
+LOGIN = "login"  # waiting for the portal's avatar
+COMMAND = "command"  # reading commands
+WAITING = "waiting"  # a command's reply is outstanding; input waits
+DATA = "data"  # reading the message
+VERDICTS = "verdicts"  # past the final dot, relaying the verdicts
+CLOSED = "closed"
+
 
 def _toBytes(text):
     return text.encode("utf-8")
+
+
+def replyForFailure(failure, log, what):
+    """
+    The reply a failed delivery call earns the client: the code and text
+    of an L{smtp.SMTPServerError} (a refusal), a 451 for anything else
+    (logged: it is a fault, and a 4xx keeps the mail queued).
+    """
+    error = failure.value
+    if isinstance(error, smtp.SMTPServerError):
+        text = error.resp
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        return Reply(error.code, tuple(str(text).split("\n"))).withEnhancedCode()
+    log.failure(what, failure)
+    return INTERNAL_ERROR
 
 
 class _Command:
@@ -66,69 +115,136 @@ class _Command:
         self.params = params
 
 
-class LMTPServer(protocol.Protocol):
+@implementer(ITransaction)
+class _LineFeeder:
+    """
+    The transaction of the plain C{twisted.mail} messages of a transaction:
+    what the server streams is handed to each message line by line, without
+    its line ending and dot-stuffing, as C{twisted.mail} does.
+    """
+
+    def __init__(self, messages):
+        self.messages = messages
+
+    def startData(self, pauseClient, resumeClient):
+        """
+        See L{ITransaction.startData}: nothing to prepare.
+        """
+
+    def write(self, data):
+        """
+        See L{ITransaction.write}: C{data} is whole CRLF lines.
+        """
+        for line in data.split(b"\r\n")[:-1]:
+            if line.startswith(b"."):
+                line = line[1:]
+            for message in self.messages:
+                message.lineReceived(line)
+
+    def endData(self):
+        """
+        See L{ITransaction.endData}: each message's C{eomReceived} follows.
+        """
+
+    def refuse(self, result):
+        """
+        See L{ITransaction.refuse}: the messages are discarded.
+        """
+        for message in self.messages:
+            message.connectionLost()
+
+
+class LMTPServer(protocol.Protocol, TimeoutMixin):
     """
     One LMTP session with the MTA.
 
-    @ivar transaction: the L{lmtp_proxy.delivery.Transaction} in progress.
+    @ivar mode: what the session is doing (L{LOGIN}, L{COMMAND},
+        L{WAITING}, L{DATA}, L{VERDICTS} or L{CLOSED}).
+    @ivar delivery: the L{IMessageDelivery} avatar of this session.
     """
 
     log = Logger()
 
-    def __init__(self, delivery):
-        self.delivery = delivery
-        self.clock = delivery.reactor
-        self._outbox = delivery.outbox
-        self.transaction = None
+    def __init__(self, portal, clock, getConfig, outbox):
+        """
+        @param portal: the L{Portal} that hands out the delivery.
+        @param clock: the L{IReactorTime} for the idle timeout.
+        @param getConfig: returns the L{lmtp_proxy.config.Config} in force.
+        @param outbox: the L{Outbox} every write goes through.
+        """
+        self.portal = portal
+        self.clock = clock
+        # TimeoutMixin's hook: the injected clock, not the global reactor.
+        self.callLater = clock.callLater
+        self._getConfig = getConfig
+        self._outbox = outbox
+        self.mode = LOGIN
+        self.delivery = None
+        self._lmtpDelivery = False
+        self._logout = None
         self._buffer = bytearray()
-        self._greeted = False
-        self._utf8 = False
-        self._inData = False
-        self._busy = False
-        self._awaitingVerdicts = False
         self._processing = False
-        self._closed = False
+        self._greeted = False
+        self._helo = (b"", b"")
         self._draining = False
         self._skipping = False
         self._pauses = set()
-        self._idleTimer = None
-        self._idleDeadline = 0
-        self._dataError = None
-        self._dataSize = 0
-        self._afterCRLF = True
+        self._closeTimer = None
         self.peer = "unknown"
+        self._resetEnvelope()
 
     @property
     def config(self):
-        return self.delivery.state.config
+        return self._getConfig()
 
     # IProtocol
 
     def connectionMade(self):
         """
-        Greet the client and start the idle timer.
+        Log in to the portal, then greet the client.
         """
         peer = self.transport.getPeer()
         if isinstance(peer, (IPv4Address, IPv6Address)):
             self.peer = "%s:%d" % (peer.host, peer.port)
+            self._helo = (b"", peer.host.encode("ascii"))
         else:
             self.peer = "unix"
+            self._helo = (b"", b"unix")
         if ITCPTransport.providedBy(self.transport):
             # Replies to one pipelined group can leave in several writes
             # (one per backend verdict); Nagle would hold each later one
             # back until the client's delayed ACK.
             self.transport.setTcpNoDelay(True)
+        self.setTimeout(self.config.idle_timeout)
+        self.portal.login(Anonymous(), self.peer, IMessageDelivery).addCallbacks(
+            self._loggedIn, self._loginFailed
+        )
+
+    def _loggedIn(self, result):
+        _, self.delivery, self._logout = result
+        if self.mode is CLOSED:
+            self._logout()
+            return
+        self._lmtpDelivery = ILMTPDelivery.providedBy(self.delivery)
         self._send(reply(220, "%s LMTP lmtp-proxy ready" % (self.config.hostname,)))
-        self._armIdleTimer()
+        self.mode = COMMAND
+        self._process()
+
+    def _loginFailed(self, failure):
+        self.log.failure("no delivery for a new session", failure)
+        self._closeWith(
+            reply(421, "4.3.0 %s Service not available" % (self.config.hostname,)),
+            "no delivery",
+        )
 
     def dataReceived(self, data):
         """
         Buffer the input and handle as much of it as the replies owed allow.
         """
-        if self._closed:
+        if self.mode is CLOSED:
             return
         self._buffer += data
-        self._armIdleTimer()
+        self.resetTimeout()
         # Replies and backend commands that this input causes leave joined.
         self._outbox.hold()
         try:
@@ -140,11 +256,14 @@ class LMTPServer(protocol.Protocol):
         """
         A client that leaves before the final dot delivers nothing anywhere.
         """
-        self._closed = True
-        self._cancelIdleTimer()
-        if self.transaction is not None and not self._awaitingVerdicts:
-            self.transaction.abort()
-            self.transaction = None
+        mode, self.mode = self.mode, CLOSED
+        self.setTimeout(None)
+        self._cancelCloseTimer()
+        if mode is not VERDICTS:
+            self._abandon("connection closed before the end of the message")
+        if self._logout is not None:
+            logout, self._logout = self._logout, None
+            logout()
 
     # graceful stop
 
@@ -153,42 +272,56 @@ class LMTPServer(protocol.Protocol):
         Let the transaction in progress finish, then close with 421.
         """
         self._draining = True
-        self._closeIfIdle()
+        if self.mode is COMMAND and self._origin is None:
+            self._shutdownNow()
 
     def forceShutdown(self):
         """
         The grace period is over: drop a transaction that has not reached the
         final dot (nothing is delivered for it) and close with 421.
         """
-        if self._awaitingVerdicts or self._closed:
+        if self.mode is VERDICTS or self.mode is CLOSED:
             return
         self._shutdownNow()
 
-    # input handling
+    # input handling: one reader per mode that reads
 
     def _process(self):
         if self._processing:
             return
         self._processing = True
         try:
-            while not self._busy and not self._closed:
-                if self._inData:
-                    if not self._consumeData():
+            while True:
+                mode = self.mode
+                if mode is COMMAND:
+                    if self._draining and self._origin is None:
+                        # A graceful stop waits for the transaction in
+                        # progress only: pipelined commands must not begin
+                        # another one.
+                        self._shutdownNow()
                         break
-                elif self._draining and self.transaction is None:
-                    # A graceful stop waits for the transaction in progress
-                    # only: pipelined commands must not begin another one.
-                    self._shutdownNow()
-                elif not self._consumeCommand():
+                    if not self._readCommand():
+                        break
+                elif mode is DATA:
+                    if not self._readData():
+                        break
+                else:
                     break
         finally:
             self._processing = False
-        if self._busy and len(self._buffer) > MAX_PENDING_INPUT:
+        if (self.mode is WAITING or self.mode is VERDICTS) and len(
+            self._buffer
+        ) > MAX_PENDING_INPUT:
             self._pause("input")
         else:
             self._resume("input")
 
-    def _consumeCommand(self):
+    def _readCommand(self):
+        """
+        The L{COMMAND} mode's reader: run one command line.
+
+        @return: whether a line was consumed.
+        """
         buf = self._buffer
         end = buf.find(b"\n")
         if end < 0:
@@ -249,8 +382,8 @@ class LMTPServer(protocol.Protocol):
         except UnicodeDecodeError:
             return None
 
-    def _wait(self, deferred):
-        self._busy = True
+    def _wait(self, deferred, mode=WAITING):
+        self.mode = mode
         deferred.addErrback(self._internalError)
         deferred.addCallback(self._waited)
 
@@ -259,16 +392,16 @@ class LMTPServer(protocol.Protocol):
         return INTERNAL_ERROR
 
     def _waited(self, result):
-        self._busy = False
-        if self._closed:
+        if self.mode is CLOSED:
             return
+        self.mode = COMMAND
         if result is not None:
             self._send(result)
-        self._armIdleTimer()
+        self.resetTimeout()
         self._process()
 
     def _send(self, result):
-        if not self._closed:
+        if self.mode is not CLOSED:
             self._outbox.write(self.transport, result.toBytes())
 
     # commands
@@ -281,6 +414,7 @@ class LMTPServer(protocol.Protocol):
             return reply(501, "5.5.4 Syntax: LHLO hostname")
         self._resetTransaction()
         self._greeted = True
+        self._helo = (argument.encode("ascii", "replace"), self._helo[1])
         size = self.config.max_message_size
         # DSN is not offered: for a recipient whose backend lacks it, the
         # NOTIFY parameter has to be dropped, and an MTA that saw DSN offered
@@ -331,7 +465,7 @@ class LMTPServer(protocol.Protocol):
     def lmtp_MAIL(self, argument):
         if not self._greeted:
             return BAD_SEQUENCE_LHLO
-        if self.transaction is not None:
+        if self._origin is not None:
             return NESTED_MAIL
         parsed = self._parsePath(argument, "FROM", _MAIL_PARAMETERS)
         if isinstance(parsed, Reply):
@@ -343,14 +477,30 @@ class LMTPServer(protocol.Protocol):
         utf8 = any(key == b"SMTPUTF8" for key, _ in parsed.params)
         if not (utf8 or parsed.address.isascii()):
             return NOT_UTF8_ENABLED
+        origin = Path(_toBytes(parsed.address), parsed.address, parsed.params)
+        try:
+            result = self.delivery.validateFrom(self._helo, origin)
+        except Exception:
+            return self._senderRefused(defer.Failure(), origin, utf8)
+        if isinstance(result, defer.Deferred):
+            return result.addCallbacks(
+                self._senderAccepted,
+                self._senderRefused,
+                callbackArgs=(utf8,),
+                errbackArgs=(origin, utf8),
+            )
+        return self._senderAccepted(result, utf8)
+
+    def _senderAccepted(self, origin, utf8):
+        self._origin = origin
         self._utf8 = utf8
-        self.transaction = self.delivery.begin(
-            self.peer, _toBytes(parsed.address), parsed.params
-        )
-        return reply(250, "2.1.0 Ok")
+        return SENDER_OK
+
+    def _senderRefused(self, failure, origin, utf8):
+        return replyForFailure(failure, self.log, "sender validation failed")
 
     def lmtp_RCPT(self, argument):
-        if self.transaction is None:
+        if self._origin is None:
             return NEED_MAIL
         parsed = self._parsePath(argument, "TO", _RCPT_PARAMETERS)
         if isinstance(parsed, Reply):
@@ -361,30 +511,66 @@ class LMTPServer(protocol.Protocol):
         mailbox = address.rsplit(":", 1)[-1] if address.startswith("@") else address
         if not mailbox or mailbox.startswith("@") or mailbox.endswith("@"):
             return reply(501, "5.1.3 Bad recipient address syntax")
-        local, at, domain = mailbox.rpartition("@")
-        if not at:
-            local, domain = mailbox, None
-        return self.transaction.rcpt(_toBytes(address), local, domain, parsed.params)
+        user = Recipient(
+            Path(_toBytes(address), mailbox, parsed.params), self._helo, self, self._origin
+        )
+        try:
+            result = self.delivery.validateTo(user)
+        except Exception:
+            return self._recipientRefused(defer.Failure())
+        if isinstance(result, defer.Deferred):
+            return result.addCallbacks(
+                self._recipientAccepted, self._recipientRefused, callbackArgs=(user,)
+            )
+        return self._recipientAccepted(result, user)
+
+    def _recipientAccepted(self, builder, user):
+        self._builders.append(builder)
+        self._users.append(user)
+        if IMessageStream.providedBy(builder):
+            return builder.rcptReply
+        return RECIPIENT_OK
+
+    def _recipientRefused(self, failure):
+        return replyForFailure(failure, self.log, "recipient validation failed")
 
     def lmtp_DATA(self, argument):
-        if self.transaction is None:
+        if self._origin is None:
             return NEED_MAIL
-        if not self.transaction.accepted:
+        if not self._builders:
             return NEED_RCPT
-        self.transaction.startData(self._pause, self._resume)
-        self._inData = True
+        messages = [builder() for builder in self._builders]
+        transactions = []
+        plain = []
+        for message in messages:
+            if IMessageStream.providedBy(message):
+                if message.transaction not in transactions:
+                    transactions.append(message.transaction)
+            else:
+                plain.append(message)
+        if plain:
+            transactions.append(_LineFeeder(plain))
+        self._messages = messages
+        self._transactions = transactions
         self._dataError = None
         self._dataSize = 0
         self._afterCRLF = True
         self._skipping = False
+        for transaction in transactions:
+            transaction.startData(self._pause, self._resume)
+        header = self.delivery.receivedHeader(self._helo, self._origin, self._users)
+        if header:
+            # twisted.mail's own header is one "line" holding "\n\t".
+            self._relay(b"\r\n".join(header.splitlines()) + b"\r\n")
+        self.mode = DATA
         return reply(354, "Start mail input; end with <CRLF>.<CRLF>")
 
     # message data
 
-    def _consumeData(self):
+    def _readData(self):
         """
-        Relay complete lines of the message, still dot-stuffed, to the
-        backends, checking them on the way.
+        The L{DATA} mode's reader: relay complete lines of the message,
+        still dot-stuffed, checking them on the way.
 
         @return: whether the message ended.
         """
@@ -442,7 +628,11 @@ class LMTPServer(protocol.Protocol):
         if config.max_message_size and self._dataSize > config.max_message_size:
             self._refuseData(reply(552, "5.3.4 Message size exceeds fixed limit"))
             return
-        self.transaction.write(body)
+        self._relay(body)
+
+    def _relay(self, data):
+        for transaction in self._transactions:
+            transaction.write(data)
 
     def _lineTooLong(self):
         return reply(
@@ -453,24 +643,29 @@ class LMTPServer(protocol.Protocol):
 
     def _refuseData(self, result):
         """
-        The message cannot be delivered: stop relaying it and drop every
-        backend transaction now, so no backend can complete it.
+        The message cannot be delivered: stop relaying it and drop it
+        everywhere now, so no backend can complete it.
         """
         if self._dataError is None:
             self._dataError = result
-            for session in self.transaction.sessions.values():
-                session.abort()
+            for transaction in self._transactions:
+                transaction.refuse(result)
 
     def _endOfData(self):
-        transaction, self.transaction = self.transaction, None
-        self._inData = False
-        self._utf8 = False
-        if self._dataError is not None:
-            for result in transaction.fail(self._dataError):
-                self._send(result)
+        messages, transactions = self._messages, self._transactions
+        error = self._dataError
+        self._resetEnvelope()
+        for transaction in transactions:
+            transaction.endData()
+        if error is not None:
+            self.mode = COMMAND
+            for _ in messages:
+                self._send(error)
             return
-        self._awaitingVerdicts = True
-        self._wait(self._relayVerdicts(transaction.finish()))
+        self._wait(
+            self._relayVerdicts([message.eomReceived() for message in messages]),
+            VERDICTS,
+        )
 
     @defer.inlineCallbacks
     def _relayVerdicts(self, verdicts):
@@ -485,72 +680,43 @@ class LMTPServer(protocol.Protocol):
                 # Each accepted recipient is owed exactly one reply: a
                 # missing one would pair every later reply with the
                 # wrong command.
-                self.log.failure("final reply failed")
-                result = INTERNAL_ERROR
+                result = replyForFailure(defer.Failure(), self.log, "final reply failed")
+            else:
+                if not isinstance(result, Reply):
+                    # A plain twisted.mail message succeeds with any value.
+                    result = DELIVERED
             self._send(result)
-        self._awaitingVerdicts = False
 
     # flow control, timeouts, closing
 
     def _pause(self, reason):
-        if not self._pauses and not self._closed:
+        if not self._pauses and self.mode is not CLOSED:
             self.transport.pauseProducing()
         self._pauses.add(reason)
 
     def _resume(self, reason):
         if reason in self._pauses:
             self._pauses.discard(reason)
-            if not self._pauses and not self._closed:
+            if not self._pauses and self.mode is not CLOSED:
                 self.transport.resumeProducing()
-                self._armIdleTimer()
+                self.resetTimeout()
 
-    def _armIdleTimer(self):
+    def timeoutConnection(self):
         """
-        Count the idle time from now. The timer is not moved on every
-        command (that costs a timer cancel and insert each time); it checks
-        the deadline when it fires.
+        See L{TimeoutMixin.timeoutConnection}: the client said nothing for
+        C{idle_timeout} seconds. Time spent waiting for backends, or held
+        back by one, does not count: the client owes us nothing then, and
+        the count starts again when the wait ends.
         """
-        idle = self.config.idle_timeout
-        self._idleDeadline = self.clock.seconds() + idle
-        if self._idleTimer is None and not self._closed:
-            self._idleTimer = self.clock.callLater(idle, self._checkIdle)
-
-    def _cancelIdleTimer(self):
-        if self._idleTimer is not None and self._idleTimer.active():
-            self._idleTimer.cancel()
-        self._idleTimer = None
-
-    def _checkIdle(self):
-        self._idleTimer = None
-        if self._closed:
+        if self.mode is CLOSED:
             return
-        idle = self.config.idle_timeout
-        if self._busy or self._pauses:
-            # Waiting for backends, or held back by one: the client owes us
-            # nothing yet. The count starts again when the wait ends.
-            self._idleTimer = self.clock.callLater(idle, self._checkIdle)
+        if self.mode is WAITING or self.mode is VERDICTS or self._pauses:
+            self.setTimeout(self.config.idle_timeout)
             return
-        remaining = self._idleDeadline - self.clock.seconds()
-        if remaining > 0:
-            self._idleTimer = self.clock.callLater(remaining, self._checkIdle)
-            return
-        self._idleTimedOut()
-
-    def _idleTimedOut(self):
         self._closeWith(
             reply(421, "4.4.2 %s Error: timeout exceeded" % (self.config.hostname,)),
             "the client was idle for too long",
         )
-
-    def _closeIfIdle(self):
-        if (
-            self._draining
-            and not self._closed
-            and not self._busy
-            and not self._inData
-            and self.transaction is None
-        ):
-            self._shutdownNow()
 
     def _shutdownNow(self):
         self._closeWith(
@@ -564,28 +730,59 @@ class LMTPServer(protocol.Protocol):
         closed first, so the replies its abort fires cannot run the commands
         the client pipelined behind them.
         """
-        transaction, self.transaction = self.transaction, None
         self._send(result)
         self._close()
-        if transaction is not None:
-            transaction.abort(why)
+        self._abandon(why)
 
     def _close(self):
-        self._cancelIdleTimer()
-        if not self._closed:
-            self._closed = True
+        self.setTimeout(None)
+        if self.mode is not CLOSED:
+            self.mode = CLOSED
             self.transport.loseConnection()
             # A client that stopped reading never lets the last reply out,
             # and the close would wait for it forever.
-            self._idleTimer = self.clock.callLater(
+            self._closeTimer = self.clock.callLater(
                 self.config.idle_timeout, self.transport.abortConnection
             )
 
-    def _resetTransaction(self):
-        if self.transaction is not None:
-            self.transaction.reset()
-            self.transaction = None
+    def _cancelCloseTimer(self):
+        if self._closeTimer is not None and self._closeTimer.active():
+            self._closeTimer.cancel()
+        self._closeTimer = None
+
+    # the transaction
+
+    def _resetEnvelope(self):
+        self._origin = None
         self._utf8 = False
+        self._builders = []
+        self._users = []
+        self._messages = None
+        self._transactions = ()
+        self._dataError = None
+
+    def _resetTransaction(self):
+        """
+        RSET or LHLO: end the transaction in progress without a message.
+        """
+        if self._origin is not None and self._lmtpDelivery:
+            self.delivery.resetTransaction()
+        self._resetEnvelope()
+
+    def _abandon(self, why):
+        """
+        The session ends before the final dot: nothing of the transaction in
+        progress may be delivered.
+        """
+        if self._origin is None:
+            return
+        messages = self._messages
+        self._resetEnvelope()
+        if self._lmtpDelivery:
+            self.delivery.abortTransaction(why)
+        elif messages is not None:
+            for message in messages:
+                message.connectionLost()
 
     def _parsePath(self, argument, keyword, allowed):
         if _CONTROL.search(argument):
@@ -651,21 +848,38 @@ _RCPT_PARAMETERS = {
 }
 
 
-class LMTPServerFactory(protocol.Factory):
+class LMTPServerFactory(smtp.SMTPFactory):
     """
-    Builds L{LMTPServer}s and keeps track of them for a graceful stop.
+    Builds L{LMTPServer}s, each logging in to C{portal} for its delivery as
+    C{twisted.mail}'s SMTP servers do, and keeps track of them for a
+    graceful stop.
     """
 
     noisy = False
     log = Logger()
 
-    def __init__(self, delivery):
-        self.delivery = delivery
+    def __init__(self, portal, reactor, getConfig, outbox=None):
+        """
+        @param portal: the L{Portal} whose avatars are the sessions'
+            L{IMessageDelivery}.
+        @param reactor: the reactor, for timers.
+        @param getConfig: returns the L{lmtp_proxy.config.Config} in force
+            (read at each use, so a reload reaches running sessions).
+        @param outbox: the L{Outbox} the sessions write through; the one
+            the backend connections use, so their writes join.
+        """
+        smtp.SMTPFactory.__init__(self, portal)
+        self.reactor = reactor
+        self.getConfig = getConfig
+        self.outbox = Outbox() if outbox is None else outbox
         self.sessions = set()
         self._allGone = []
 
     def buildProtocol(self, addr):
-        server = _TrackedServer(self.delivery)
+        """
+        See L{IProtocolFactory.buildProtocol}.
+        """
+        server = _TrackedServer(self.portal, self.reactor, self.getConfig, self.outbox)
         server.factory = self
         self.sessions.add(server)
         return server
@@ -709,7 +923,7 @@ class LMTPServerFactory(protocol.Factory):
             for session in list(self.sessions):
                 session.forceShutdown()
 
-        timer = self.delivery.reactor.callLater(grace, graceOver)
+        timer = self.reactor.callLater(grace, graceOver)
         gone = self.whenAllGone()
         gone.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
         return gone

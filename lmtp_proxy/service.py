@@ -1,31 +1,43 @@
 """
-The twistd service: listening, reload on SIGUSR1, graceful stop.
+The twistd service: a tree of small services, each with one job.
+
+L{makeService} returns a L{ProxyService}, a C{MultiService} holding what its
+children share (the L{ProxyState}, the L{BackendPool}, the server factory)
+and these children, started in this order and stopped in the reverse one:
+
+  - C{"sessions"} (L{Sessions}): ends the MTA sessions gracefully on stop;
+  - C{"listener"} (L{Listener}): the MTA-facing socket, bound while still
+    root;
+  - C{"control"} (L{lmtp_proxy.control.ControlSocket}): the control socket;
+  - C{"workers"} (L{lmtp_proxy.workers.Workers}, only with C{workers} above
+    1): the extra serving processes, started once the listener is bound;
+  - C{"reload"} (L{Reloader}): reloads, on SIGUSR1 or from the control
+    socket.
+
+twistd binds every socket (C{privilegedStartService}) before it drops
+privileges and starts anything (C{startService}). A stop reaches every child
+at once: nothing is accepted any more, the workers and the sessions drain.
 """
 
 import gc
-import grp
 import os
-import pwd
 import signal
-import socket
-import stat
 import time
 
 from twisted.application import service
-from twisted.internet import defer, unix
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
 from lmtp_proxy import config as configuration
-from lmtp_proxy.cli import describeListen
-from lmtp_proxy.control import ControlFactory, controlAddress
-from lmtp_proxy.delivery import Delivery
+from lmtp_proxy.control import ControlSocket, controlAddress
+from lmtp_proxy.listening import describeListen, removeStaleSocket, socketOwner
 from lmtp_proxy.pool import BackendPool
-from lmtp_proxy.reloader import reloadConfig, serialize
-from lmtp_proxy.server import LMTPServerFactory
+from lmtp_proxy.reloader import reloadConfig
+from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import DrainTimeout, ProxyState
-from lmtp_proxy.workers import Workers, listenFamily
+from lmtp_proxy.workers import Workers
 
 
 class Options(usage.Options):
@@ -46,13 +58,13 @@ class Options(usage.Options):
 def makeService(options):
     """
     Load and check the configuration (so a mistake reaches the terminal
-    before twistd daemonizes) and build the service.
+    before twistd daemonizes) and build the service tree.
     """
     from twisted.internet import reactor
 
     try:
         loaded = configuration.load(options["config"])
-        _socketOwner(loaded)
+        socketOwner(loaded)
     except configuration.ConfigError as e:
         # twistd only handles UsageError while parsing options; from here
         # anything but SystemExit becomes a traceback.
@@ -60,51 +72,107 @@ def makeService(options):
     return ProxyService(loaded, reactor)
 
 
-class ProxyService(service.Service):
+class ProxyService(service.MultiService):
     """
-    Runs the proxy for one configuration file.
+    The proxy for one configuration file: its children (see the module
+    docstring) and what they share.
+
+    @ivar state: the L{ProxyState}.
+    @ivar pool: the L{BackendPool}.
+    @ivar factory: the server factory of the MTA's connections.
+    @ivar listener: the L{Listener} child.
+    @ivar workers: the L{Workers} child, or C{None} when there are none.
+    @ivar reloader: the L{Reloader} child.
     """
 
     log = Logger()
 
     def __init__(self, loaded, reactor):
-        self.reactor = reactor
+        service.MultiService.__init__(self)
         self.state = ProxyState(loaded)
         self.pool = BackendPool(reactor)
-        self.factory = LMTPServerFactory(Delivery(reactor, self.state, self.pool))
-        self.controlAddress = controlAddress(loaded)
-        self._listeners = []
-        self._previousSIGUSR1 = None
-        self._reloadLock = defer.DeferredLock()
+        self.factory = serverFactory(reactor, self.state, self.pool)
+        self.listener = Listener(reactor, loaded, self.factory)
         self.workers = None
+        if loaded.workers > 1:
+            self.workers = Workers(reactor, self.state, self.listener)
+        self.reloader = Reloader(reactor, self.state, self.workers)
 
-    # IService
+        # Children start in the order they are added, and stop in reverse:
+        # the workers need the listener's socket.
+        Sessions(self.factory, self.pool, self.state).setServiceParent(self)
+        self.listener.setServiceParent(self)
+        ControlSocket(reactor, controlAddress(loaded), self.reloader).setServiceParent(self)
+        if self.workers is not None:
+            self.workers.setServiceParent(self)
+        self.reloader.setServiceParent(self)
+
+    def startService(self):
+        """
+        Start the children, then keep what is loaded by now out of the
+        collector's full passes.
+
+        @see: L{twisted.application.service.IService.startService}
+        """
+        service.MultiService.startService(self)
+        config = self.state.config
+        self.log.info(
+            "lmtp-proxy listening on {socket}, {users} users, backends: {backends}",
+            socket=describeListen(config),
+            users=len(config.users),
+            backends=", ".join(
+                "%s (%s)" % (b.name, b.describe()) for b in config.backends.values()
+            )
+            or "none",
+        )
+        # What is loaded by now (Twisted, the configuration, the table) lives
+        # as long as the process. Left to the collector, every full pass
+        # walks it again: about 30 ms in which no session is served.
+        gc.freeze()
+
+
+class Listener(service.Service):
+    """
+    Accepts the MTA's connections on the configured socket.
+
+    @ivar port: the listening port, once bound.
+    """
+
+    name = "listener"
+    port = None
+
+    def __init__(self, reactor, listen, factory):
+        """
+        @param listen: the L{lmtp_proxy.config.Config} whose C{socket},
+            C{owner}, C{group} and C{permissions} say where and how to
+            listen (a reload does not change them).
+        """
+        self._reactor = reactor
+        self._listen = listen
+        self._factory = factory
 
     def privilegedStartService(self):
         """
-        Bind the sockets while still root, and set the unix socket's owner.
+        Bind the socket while still root, and give a unix socket its owner.
+        A failure ends start-up with one line.
+
+        @see: L{twisted.application.service.IService.privilegedStartService}
         """
-        listen = self.state.config
+        listen = self._listen
         try:
             if isinstance(listen.socket, str):
-                # The connect probe, not a lock file, decides whether a
-                # socket is stale: a lock left by a dead proxy, or naming a
-                # reused PID, would delete a live socket or refuse a dead one.
-                _removeStaleSocket(listen.socket)
-                port = self.reactor.listenUNIX(
+                removeStaleSocket(listen.socket)
+                self.port = self._reactor.listenUNIX(
                     listen.socket,
-                    self.factory,
+                    self._factory,
                     mode=0o666 if listen.permissions is None else listen.permissions,
                 )
-                self._listeners.append(port)
-                uid, gid = _socketOwner(listen)
+                uid, gid = socketOwner(listen)
                 if (uid, gid) != (-1, -1):
                     os.chown(listen.socket, uid, gid)
             else:
                 host, number = listen.socket
-                self._listeners.append(
-                    self.reactor.listenTCP(number, self.factory, interface=host)
-                )
+                self.port = self._reactor.listenTCP(number, self._factory, interface=host)
         except CannotListenError as e:
             # Before the reactor runs, twistd would print a traceback.
             raise SystemExit(
@@ -115,68 +183,97 @@ class ProxyService(service.Service):
             raise SystemExit(
                 "lmtp-proxy: cannot listen on %s: %s" % (describeListen(listen), e)
             )
-        control = self.controlAddress
-        if not control.startswith("\0"):
-            _removeStaleSocket(control)
-        try:
-            port = _ControlPort(control, ControlFactory(self), mode=0o600, reactor=self.reactor)
-            port.startListening()
-            self._listeners.append(port)
-        except Exception as e:
-            self.log.warn(
-                "control socket unavailable ({error}); "
-                "reload --wait will not work, SIGUSR1 still reloads",
-                error=e,
-            )
         service.Service.privilegedStartService(self)
-
-    def startService(self):
-        """
-        Start the worker processes, if configured. Own SIGUSR1, chaining to
-        twistd's log rotation when it installed one.
-        """
-        service.Service.startService(self)
-        config = self.state.config
-        if config.workers > 1:
-            self.workers = Workers(
-                self.reactor, config.workers, self._listeners[0], listenFamily(config.socket)
-            )
-            self.workers.start(serialize(config), self.state.generation).addCallback(
-                lambda _: self.log.info("{count} worker process(es) serving", count=config.workers - 1)
-            )
-        self._previousSIGUSR1 = signal.signal(signal.SIGUSR1, self._sigusr1)
-        self.log.info(
-            "lmtp-proxy listening on {socket}, {users} users, backends: {backends}",
-            socket=describeListen(self.state.config),
-            users=len(self.state.config.users),
-            backends=", ".join(
-                "%s (%s)" % (b.name, b.describe())
-                for b in self.state.config.backends.values()
-            )
-            or "none",
-        )
-        # What is loaded by now (Twisted, the configuration, the table) lives
-        # as long as the process. Left to the collector, every full pass
-        # walks it again: about 30 ms in which no session is served.
-        gc.freeze()
 
     def stopService(self):
         """
-        Stop accepting at once, let transactions finish for the grace period,
-        then close the sessions that are left with 421.
+        Stop accepting connections at once.
+
+        @see: L{twisted.application.service.IService.stopService}
+        """
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+class Sessions(service.Service):
+    """
+    Ends the MTA sessions gracefully when the proxy stops.
+    """
+
+    name = "sessions"
+
+    def __init__(self, factory, pool, state):
+        self._factory = factory
+        self._pool = pool
+        self._state = state
+
+    def stopService(self):
+        """
+        Let the transactions in flight finish for C{shutdown_grace} seconds
+        and close every session with 421, then the idle backend connections.
+
+        @see: L{twisted.application.service.IService.stopService}
+        """
+        service.Service.stopService(self)
+        draining = self._factory.drain(self._state.config.shutdown_grace)
+        return draining.addBoth(lambda _: self._pool.closeIdle())
+
+
+class Reloader(service.Service):
+    """
+    Puts a re-read configuration in force, in this process and in every
+    worker, one reload at a time: on SIGUSR1 while running, and when the
+    control socket asks.
+
+    @ivar state: the L{ProxyState} the reloads swap.
+    """
+
+    name = "reload"
+    log = Logger()
+
+    def __init__(self, reactor, state, workers=None):
+        """
+        @param workers: the L{Workers} to pass each configuration on to, or
+            C{None}.
+        """
+        self._reactor = reactor
+        self.state = state
+        self._workers = workers
+        self._lock = defer.DeferredLock()
+        self._previousSIGUSR1 = None
+
+    def startService(self):
+        """
+        Own SIGUSR1, chaining to the handler installed before it (twistd's
+        log rotation, when it logs to a file).
+
+        @see: L{twisted.application.service.IService.startService}
+        """
+        service.Service.startService(self)
+        self._previousSIGUSR1 = signal.signal(signal.SIGUSR1, self._sigusr1)
+
+    def stopService(self):
+        """
+        Give SIGUSR1 back to the handler it had before.
+
+        @see: L{twisted.application.service.IService.stopService}
         """
         service.Service.stopService(self)
         if self._previousSIGUSR1 is not None:
             signal.signal(signal.SIGUSR1, self._previousSIGUSR1)
             self._previousSIGUSR1 = None
-        listeners, self._listeners = self._listeners, []
-        stopped = [defer.maybeDeferred(port.stopListening) for port in listeners]
-        grace = self.state.config.shutdown_grace
-        gone = self.factory.drain(grace)
-        gone.addBoth(lambda _: self.pool.closeIdle())
-        if self.workers is not None:
-            stopped.append(self.workers.stop(grace))
-        return defer.DeferredList(stopped + [gone])
+
+    def reload(self):
+        """
+        Re-read the configuration file; put it in force only if it is valid
+        as a whole. Reloads run one after another.
+
+        @return: a L{Deferred} firing with C{(generation, summary)} or failing
+            with L{lmtp_proxy.config.ConfigError}.
+        """
+        return self._lock.run(self._reload)
 
     def whenDrained(self, generation, timeout):
         """
@@ -186,9 +283,9 @@ class ProxyService(service.Service):
         @return: a L{Deferred} firing with C{generation}, or failing with
             L{DrainTimeout}.
         """
-        counts = [self.state.stillRunning(generation, self.reactor, timeout)]
-        if self.workers is not None:
-            counts.append(self.workers.running(generation, timeout))
+        counts = [self.state.stillRunning(generation, self._reactor, timeout)]
+        if self._workers is not None:
+            counts.append(self._workers.stillRunning(generation, timeout))
 
         def total(counts):
             running = sum(counts)
@@ -201,10 +298,10 @@ class ProxyService(service.Service):
 
         return defer.gatherResults(counts, consumeErrors=True).addCallback(total)
 
-    # reload
-
     def _sigusr1(self, signum, frame):
-        self.reactor.callFromThread(self._reloadOnSignal)
+        # A signal handler may run between any two bytecodes of the
+        # reactor's own work; the reload must wait for the reactor.
+        self._reactor.callFromThread(self._reloadOnSignal)
         if callable(self._previousSIGUSR1):
             self._previousSIGUSR1(signum, frame)
 
@@ -216,26 +313,16 @@ class ProxyService(service.Service):
 
         self.reload().addErrback(failed)
 
-    def reload(self):
-        """
-        Re-read the configuration file; put it in force only if it is valid
-        as a whole. Reloads run one after another.
-
-        @return: a L{Deferred} firing with C{(generation, summary)} or failing
-            with L{lmtp_proxy.config.ConfigError}.
-        """
-        return self._reloadLock.run(self._reload)
-
     def _reload(self):
         started = time.monotonic()
         old = self.state.config
-        loading = reloadConfig(self.reactor, old)
+        loading = reloadConfig(self._reactor, old)
 
         def loaded(result):
             new, table, summary, data = result
             generation = self.state.swap(new, table)
-            if self.workers is not None:
-                configured = self.workers.configure(data, generation)
+            if self._workers is not None:
+                configured = self._workers.configure(data, generation)
             else:
                 configured = defer.succeed(None)
             self.log.info(
@@ -257,51 +344,3 @@ class ProxyService(service.Service):
             return failure
 
         return loading.addCallbacks(loaded, refused)
-
-
-class _ControlPort(unix.Port):
-    """
-    The control socket's listener. Twisted logs the raw socket name when a
-    unix port closes, and an abstract name begins with a NUL byte, which
-    would turn the log file into a binary file for grep.
-    """
-
-    def _logConnectionLostMsg(self):
-        pass
-
-
-def _removeStaleSocket(path):
-    """
-    Remove a unix socket left behind by a proxy that died, but never a live
-    one or a file that is not a socket.
-    """
-    try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return
-    except OSError:
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.remove(path)
-    finally:
-        probe.close()
-
-
-def _socketOwner(listen):
-    """
-    The uid and gid (-1 for unchanged) that the unix socket gets.
-    """
-    try:
-        uid = listen.owner if listen.owner is not None else -1
-        if isinstance(uid, str):
-            uid = pwd.getpwnam(uid).pw_uid
-        gid = listen.group if listen.group is not None else -1
-        if isinstance(gid, str):
-            gid = grp.getgrnam(gid).gr_gid
-    except KeyError as e:
-        raise configuration.ConfigError(
-            listen.source, None, "config", "no such user or group: %s" % (e,)
-        )
-    return uid, gid

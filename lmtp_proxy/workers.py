@@ -26,15 +26,16 @@ import socket
 import sys
 from collections import deque
 
-from twisted.internet import defer, protocol, stdio, tcp, unix
+from twisted.application import service
+from twisted.internet import defer, protocol, stdio
 from twisted.logger import Logger, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 
-from lmtp_proxy.delivery import Delivery
 from lmtp_proxy.pool import BackendPool
-from lmtp_proxy.reloader import childEnvironment, deserialize, inThread
-from lmtp_proxy.server import LMTPServerFactory
+from lmtp_proxy.reloader import childEnvironment, deserialize, inThread, serialize
+from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import ProxyState
+from lmtp_proxy.twisted_internals import adoptSharedUNIXPort
 
 FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
 
@@ -104,37 +105,53 @@ class WorkerProcess(protocol.ProcessProtocol):
         self._ended(self, reason)
 
 
-class Workers:
+class Workers(service.Service):
     """
-    The extra worker processes of one L{lmtp_proxy.service.ProxyService}.
+    The extra worker processes of the proxy: started once its listening
+    socket is bound, given every configuration put in force, and stopped
+    with it.
     """
 
+    name = "workers"
     log = Logger()
     RESPAWN_DELAY = 1.0
     # Seconds a worker gets to answer a request (taking in a configuration
     # of 100,000 users takes it about 2 s), beyond any wait it was asked for.
     ANSWER_TIME = 60.0
 
-    def __init__(self, reactor, count, listeningPort, family):
+    def __init__(self, reactor, state, listener):
+        """
+        @param state: the master's L{ProxyState}; C{workers} of its
+            configuration is the number of processes, the master included.
+        @param listener: the service whose C{port} is the listening port
+            once privileged start-up is over.
+        """
         self._reactor = reactor
-        self._count = count
-        self._fd = listeningPort.fileno()
-        self._family = family
+        self._state = state
+        self._listener = listener
+        self._count = state.config.workers
+        self._family = listenFamily(state.config.socket)
+        self._fd = None
         self._processes = {}
         self._stopping = False
         self._data = None
         self._generation = None
 
-    def start(self, data, generation):
+    def startService(self):
         """
-        Start every worker with the configuration C{data} of C{generation}.
+        Start every worker with the configuration in force, on the socket
+        that the listener bound during privileged start-up.
 
-        @return: a L{Deferred} that fires once every worker serves.
+        @see: L{twisted.application.service.IService.startService}
         """
-        self._data, self._generation = data, generation
-        return defer.gatherResults(
+        service.Service.startService(self)
+        self._fd = self._listener.port.fileno()
+        self._data, self._generation = serialize(self._state.config), self._state.generation
+        defer.gatherResults(
             [self._spawn(number) for number in range(1, self._count)],
             consumeErrors=True,
+        ).addCallback(
+            lambda _: self.log.info("{count} worker process(es) serving", count=self._count - 1)
         )
 
     @property
@@ -156,7 +173,7 @@ class Workers:
             consumeErrors=True,
         )
 
-    def running(self, generation, timeout):
+    def stillRunning(self, generation, timeout):
         """
         Wait until the workers' transactions begun before C{generation} have
         ended, for at most C{timeout} seconds.
@@ -170,11 +187,16 @@ class Workers:
         ]
         return defer.gatherResults(asked, consumeErrors=True).addCallback(sum)
 
-    def stop(self, grace):
+    def stopService(self):
         """
-        Ask every worker to drain and exit; fire once all have exited.
+        Ask every worker to drain for C{shutdown_grace} and exit.
+
+        @see: L{twisted.application.service.IService.stopService}
+        @return: a L{Deferred} that fires once every worker has exited.
         """
+        service.Service.stopService(self)
         self._stopping = True
+        grace = self._state.config.shutdown_grace
         # A worker answers by exiting; one that has not after its grace and
         # ANSWER_TIME is killed, so a stop never waits forever.
         return defer.DeferredList(
@@ -307,35 +329,6 @@ class WorkerControl(LineReceiver):
             self.worker.reactor.stop()
 
 
-class _SharedUNIXPort(unix.Port):
-    """
-    The master's unix listening socket, adopted. When a unix port closes,
-    Twisted shuts the socket down and removes its file; both belong to the
-    master, and a worker that ends on its own must leave them to the master
-    and the other workers.
-    """
-
-    _shouldShutdown = False
-
-    def startListening(self):
-        """
-        Serve the adopted socket as it is. Twisted's own would chmod the
-        file, which fails (EPERM) for a worker that twistd started after
-        dropping privileges, and would change the master's mode anyway.
-        """
-        tcp._reservedFD.reserve()
-        self.factory.doStart()
-        self.socket, self._preexistingSocket = self._preexistingSocket, None
-        self.socket.setblocking(False)
-        self.fileno = self.socket.fileno
-        self.connected = True
-        self.numberAccepts = 100
-        self.startReading()
-
-    def connectionLost(self, reason):
-        tcp.Port.connectionLost(self, reason)
-
-
 class Worker:
     """
     A worker process: the same server as the master's, on the adopted
@@ -359,12 +352,9 @@ class Worker:
             if self.state is None:
                 self.state = ProxyState(config, table)
                 self.state.generation = generation
-                self.factory = LMTPServerFactory(Delivery(self.reactor, self.state, self.pool))
+                self.factory = serverFactory(self.reactor, self.state, self.pool)
                 if self.family == socket.AF_UNIX:
-                    self.port = _SharedUNIXPort._fromListeningDescriptor(
-                        self.reactor, 3, self.factory
-                    )
-                    self.port.startListening()
+                    self.port = adoptSharedUNIXPort(self.reactor, 3, self.factory)
                 else:
                     self.port = self.reactor.adoptStreamPort(3, self.family, self.factory)
                 # As in the master (ProxyService.startService).

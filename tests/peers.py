@@ -36,6 +36,8 @@ import time
 
 from twisted.trial.unittest import FailTest, SkipTest
 
+from tests.lmtpclient import connect
+
 HARNESS_USER = "lmtpharness"
 
 # command (or absolute path) -> Debian package providing it
@@ -157,20 +159,6 @@ def targetFor(port=None, socket=None, host="127.0.0.1"):
     return (host, port)
 
 
-def connect(target, timeout=10.0):
-    """Connect to (host, port) or a unix socket path."""
-    if isinstance(target, (str, bytes)):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            s.connect(target)
-        except BaseException:
-            s.close()
-            raise
-        return s
-    return socket.create_connection(tuple(target), timeout=timeout)
-
-
 def canConnect(target):
     try:
         s = connect(target, timeout=1.0)
@@ -254,162 +242,6 @@ def _tail(path, limit=4000):
     except OSError:
         return "(no %s)" % (path,)
     return data[-limit:].decode("utf-8", "replace")
-
-
-# ---------------------------------------------------------------------------
-# LMTP client (raw socket; reads one reply per recipient after the dot)
-
-class Reply(object):
-    """One (possibly multi-line) reply."""
-
-    def __init__(self, lines):
-        self.lines = lines
-        self.code = int(lines[-1][:3])
-        self.text = lines[-1][4:]
-
-    @property
-    def line(self):
-        return self.lines[-1]
-
-    def __repr__(self):
-        return "<Reply %r>" % ("\n".join(self.lines),)
-
-
-class LMTPError(Exception):
-    pass
-
-
-def dotStuff(message):
-    """
-    Turn a message (bytes, CRLF lines) into DATA content including the
-    terminating ".\\r\\n": lines starting with "." get another ".", and a
-    missing final CRLF is added.
-    """
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    lines = message.split(b"\r\n")[:-1]
-    out = [(b"." + l) if l.startswith(b".") else l for l in lines]
-    return b"\r\n".join(out) + b"\r\n.\r\n"
-
-
-class LMTPClient(object):
-    """
-    A tiny blocking LMTP client that records every line it receives.
-
-        c = LMTPClient(target)          # reads the greeting
-        c.lhlo()
-        result = c.transaction("a@x", ["b@y", "c@z"], message)
-        c.quit()
-    """
-
-    def __init__(self, target, timeout=30.0):
-        self.sock = connect(target, timeout=timeout)
-        self.sock.settimeout(timeout)
-        self.file = self.sock.makefile("rb")
-        self.received = []
-        self.greeting = self.readReply()
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def readLine(self):
-        raw = self.file.readline(65536)
-        if not raw:
-            raise LMTPError("server closed the connection; lines so far: %r"
-                            % (self.received,))
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        self.received.append(line)
-        return line
-
-    def readReply(self):
-        lines = []
-        while True:
-            line = self.readLine()
-            lines.append(line)
-            if len(line) < 4 or line[3] != "-":
-                return Reply(lines)
-
-    def command(self, line):
-        self.send(line.encode("utf-8") + b"\r\n")
-        return self.readReply()
-
-    def lhlo(self, name="client.e2e.test"):
-        self.lhloReply = self.command("LHLO " + name)
-        return self.lhloReply
-
-    def transaction(self, sender, recipients, message, pipeline=True,
-                    raw=False):
-        """
-        MAIL, RCPT..., DATA, the message, and one reply per accepted
-        recipient. With pipeline=True the MAIL/RCPT/DATA commands go out in
-        a single write (RFC 2920). With raw=True the message is sent as is
-        (it must contain its own dot-stuffing and terminator); otherwise it
-        is dot-stuffed and terminated here.
-
-        @return: dict with keys mail, rcpt (list of Reply, RCPT order),
-            data (Reply), final (list of (recipient, Reply) for accepted
-            recipients, RCPT order) and results (recipient -> final Reply or
-            the failing RCPT Reply).
-        """
-        commands = [b"MAIL FROM:<" + sender.encode() + b">\r\n"]
-        commands += [b"RCPT TO:<" + r.encode() + b">\r\n" for r in recipients]
-        commands.append(b"DATA\r\n")
-        result = {"rcpt": [], "final": [], "results": {}}
-        if pipeline:
-            self.send(b"".join(commands))
-            result["mail"] = self.readReply()
-            for r in recipients:
-                result["rcpt"].append(self.readReply())
-            result["data"] = self.readReply()
-        else:
-            self.send(commands[0])
-            result["mail"] = self.readReply()
-            for r, c in zip(recipients, commands[1:-1]):
-                self.send(c)
-                result["rcpt"].append(self.readReply())
-            self.send(commands[-1])
-            result["data"] = self.readReply()
-        accepted = []
-        for r, reply in zip(recipients, result["rcpt"]):
-            result["results"][r] = reply
-            if reply.code // 100 == 2:
-                accepted.append(r)
-        if result["data"].code != 354:
-            return result
-        self.send(message if raw else dotStuff(message))
-        for r in accepted:
-            reply = self.readReply()
-            result["final"].append((r, reply))
-            result["results"][r] = reply
-        return result
-
-    def quit(self):
-        try:
-            return self.command("QUIT")
-        except (LMTPError, OSError):
-            return None
-        finally:
-            self.close()
-
-    def close(self):
-        try:
-            self.file.close()
-        finally:
-            self.sock.close()
-
-
-def lmtpDeliver(target, sender, recipients, message, pipeline=True, raw=False,
-                timeout=30.0):
-    """One complete LMTP session (greeting, LHLO, transaction, QUIT)."""
-    c = LMTPClient(target, timeout=timeout)
-    try:
-        c.lhlo()
-        result = c.transaction(sender, recipients, message,
-                               pipeline=pipeline, raw=raw)
-        result["lines"] = c.received
-    finally:
-        c.quit()
-    return result
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """
-Test fixtures: a scriptable in-process LMTP backend, the proxy on loopback,
-and a raw LMTP client that collects replies.
+Test fixtures: a scriptable in-process LMTP backend and the proxy on
+loopback (L{tests.lmtpclient} is the client that talks to them).
 """
 
 import base64
@@ -15,10 +15,10 @@ from twisted.protocols.basic import LineReceiver
 
 from lmtp_proxy import config as configuration
 from lmtp_proxy.client import LMTPClient
-from lmtp_proxy.delivery import Delivery
 from lmtp_proxy.pool import BackendPool
-from lmtp_proxy.server import LMTPServerFactory
+from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import ProxyState
+from tests.lmtpclient import connectClient
 
 
 class FakeBackendProtocol(LineReceiver):
@@ -208,8 +208,7 @@ class Proxy:
         self.config = configuration.parse(yaml.safe_dump(document), "<test>")
         self.state = ProxyState(self.config)
         self.pool = BackendPool(clock)
-        self.delivery = Delivery(clock, self.state, self.pool)
-        self.factory = LMTPServerFactory(self.delivery)
+        self.factory = serverFactory(clock, self.state, self.pool)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         testcase.addCleanup(self.stop)
 
@@ -228,86 +227,6 @@ class Proxy:
         Connect an L{LMTPTestClient}; fires with it after the greeting.
         """
         return connectClient(testcase, self.address)
-
-
-class LMTPTestClient(protocol.Protocol):
-    """
-    Sends raw bytes and collects complete replies.
-    """
-
-    def __init__(self):
-        self.received = bytearray()
-        self.replies = []
-        self.lost = defer.Deferred()
-        self._waiting = []
-
-    def connectionLost(self, reason):
-        self.lost.callback(None)
-        self._check(final=True)
-
-    def dataReceived(self, data):
-        self.received += data
-        while b"\r\n" in self.received:
-            line, _, rest = bytes(self.received).partition(b"\r\n")
-            self.received = bytearray(rest)
-            self._partial = getattr(self, "_partial", []) + [line.decode("latin-1")]
-            if len(line) < 4 or line[3:4] != b"-":
-                self.replies.append(self._partial)
-                self._partial = []
-        self._check()
-
-    def _check(self, final=False):
-        for entry in list(self._waiting):
-            count, d = entry
-            if len(self.replies) >= count or final:
-                self._waiting.remove(entry)
-                d.callback([r[-1] for r in self.replies[:count]])
-
-    def send(self, data):
-        self.transport.write(data)
-
-    def waitReplies(self, count):
-        """
-        Fire with the last line of each of the first C{count} replies (or
-        with what came before the connection closed).
-        """
-        d = defer.Deferred()
-        self._waiting.append((count, d))
-        self._check(final=self.lost.called)
-        return d
-
-    def codes(self):
-        return [int(r[-1][:3]) for r in self.replies]
-
-
-def connectClient(testcase, address):
-    """
-    Connect an L{LMTPTestClient} to 127.0.0.1:C{address} or a unix path.
-    """
-    creator = protocol.ClientCreator(reactor, LMTPTestClient)
-    if isinstance(address, int):
-        d = creator.connectTCP("127.0.0.1", address)
-    else:
-        d = creator.connectUNIX(address)
-
-    def connected(client):
-        testcase.addCleanup(client.transport.abortConnection)
-        return client.waitReplies(1).addCallback(lambda _: client)
-
-    return d.addCallback(connected)
-
-
-def transaction(recipients, body=b"Subject: test\r\n\r\nhello\r\n", sender=b"s@example.test", quit=True):
-    """
-    The bytes of a whole pipelined LMTP session.
-    """
-    lines = [b"LHLO client.test", b"MAIL FROM:<" + sender + b">"]
-    lines += [b"RCPT TO:<" + r + b">" for r in recipients]
-    lines.append(b"DATA")
-    data = b"\r\n".join(lines) + b"\r\n" + body + b".\r\n"
-    if quit:
-        data += b"QUIT\r\n"
-    return data
 
 
 @defer.inlineCallbacks

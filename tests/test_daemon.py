@@ -23,7 +23,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from tests.peers import pidAlive, readPidFile, stopPid
-from tests.support import FakeBackend, connectClient, deadPort, transaction
+from tests.lmtpclient import BlockingLMTPClient, connectClient, transaction
+from tests.support import FakeBackend, deadPort
 
 BIN = os.path.dirname(sys.executable)
 
@@ -41,16 +42,6 @@ def script(name):
 def parentOf(pid):
     with open("/proc/%d/stat" % (pid,), "rb") as f:
         return int(f.read().rsplit(b")", 1)[1].split()[1])
-
-
-def greeting(port, timeout=5.0):
-    """The first line the server at 127.0.0.1:port sends."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        f = s.makefile("rb")
-        line = f.readline(1024)
-        s.sendall(b"QUIT\r\n")
-        f.readline(1024)
-        return line.decode("ascii", "replace").rstrip("\r\n")
 
 
 def refuses(port):
@@ -184,7 +175,9 @@ class DaemonTests(unittest.TestCase):
         self.assertNotEqual(parentOf(pid), os.getpid())
         self.assertNotEqual(os.getsid(pid), os.getsid(0))
         yield poll(lambda: not refuses(self.port), 20, "the daemon to listen")
-        self.assertTrue(greeting(self.port).startswith("220 proxy.test"))
+        client = BlockingLMTPClient(self.port, timeout=5.0)
+        client.quit()
+        self.assertTrue(client.greeting.lines[0].startswith("220 proxy.test"))
         os.kill(pid, signal.SIGTERM)
         yield self.waitExit(pid)
         yield poll(lambda: not os.path.exists(self.pidPath), 5,
@@ -216,7 +209,7 @@ class DaemonTests(unittest.TestCase):
         client = yield connectClient(self, self.port)
         client.send(transaction([b"alice@x.test"]))
         yield client.lost
-        self.assertEqual([r[-1][:3] for r in client.replies],
+        self.assertEqual([r.line[:3] for r in client.replies],
                          ["220", "250", "250", "250", "354", "250", "221"])
         self.assertEqual(len(backend.messages), 1)
         yield poll(lambda: "to=<alice@x.test>" in out.text(), 10,
@@ -252,7 +245,7 @@ class DaemonTests(unittest.TestCase):
         client = yield connectClient(self, self.port)
         client.send(transaction([b"alice@x.test", b"bob@x.test"]))
         yield client.lost
-        self.assertEqual([r[-1][:3] for r in client.replies],
+        self.assertEqual([r.line[:3] for r in client.replies],
                          ["220", "250", "250", "250", "250", "354", "250", "250", "221"])
         self.assertEqual(len(backend.messages), 1)
 
@@ -335,7 +328,9 @@ class DaemonTests(unittest.TestCase):
         yield poll(lambda: process.poll() is not None or not refuses(self.port),
                    30, "the proxy to listen")
         self.assertIsNone(process.poll(), readFile(out))
-        self.assertTrue(greeting(self.port).startswith("220 proxy.test"))
+        client = BlockingLMTPClient(self.port, timeout=5.0)
+        client.quit()
+        self.assertTrue(client.greeting.lines[0].startswith("220 proxy.test"))
         process.send_signal(signal.SIGTERM)
         yield self.waitExit(process.pid, process)
         self.assertIn(process.returncode, (0, -signal.SIGTERM))

@@ -1,7 +1,8 @@
 """
-Checks of the end-to-end fixtures themselves (tests/peers.py), against the
-real peers directly, without the proxy. When a test in test_e2e_peers fails,
-these tell whether the peers and the harness work on this machine.
+Checks of the end-to-end fixtures themselves (tests/peers.py and the
+blocking face of tests/lmtpclient.py), against the real peers directly,
+without the proxy. When a test in test_e2e_peers fails, these tell whether
+the peers and the harness work on this machine.
 """
 
 import os
@@ -13,6 +14,7 @@ import time
 from twisted.trial import unittest
 
 from tests import peers
+from tests.lmtpclient import BlockingLMTPClient, dotStuff, lmtpDeliver
 from tests.test_e2e_peers import SENDER, asStored, transparencyMessage
 
 
@@ -74,7 +76,7 @@ class HelperTests(unittest.TestCase):
 
     def test_dotStuff(self):
         """dotStuff doubles leading dots and adds the terminator."""
-        self.assertEqual(peers.dotStuff(b"a\r\n.b\r\n..c"),
+        self.assertEqual(dotStuff(b"a\r\n.b\r\n..c"),
                          b"a\r\n..b\r\n...c\r\n.\r\n")
 
     def test_stopPidTermThenKill(self):
@@ -111,7 +113,7 @@ class PeerTests(unittest.TestCase):
         message = transparencyMessage(b"direct")
         for target, address in ((("127.0.0.1", d.port), "alice@example.test"),
                                 (d.socket, "bob@example.test")):
-            r = peers.lmtpDeliver(target, SENDER, [address], message)
+            r = lmtpDeliver(target, SENDER, [address], message)
             self.assertIn("old.test", r["lines"][0])
             self.assertEqual([x.code for a, x in r["final"]], [250], r["lines"])
             trace, body = peers.dovecotBody(d.messages(address)[0], b"X-E2E-Id: direct")
@@ -135,16 +137,16 @@ class PeerTests(unittest.TestCase):
         451 at RCPT and one 451 per recipient after DATA.
         """
         s = peers.SmtpSink(self)
-        c = peers.LMTPClient(s.target)
+        c = BlockingLMTPClient(s.target)
         self.assertEqual(c.lhlo().lines[-1], "250 ")
         c.quit()
         message = transparencyMessage(b"sink")
-        r = peers.lmtpDeliver(s.target, SENDER, ["a@sink.test", "b@sink.test"], message)
+        r = lmtpDeliver(s.target, SENDER, ["a@sink.test", "b@sink.test"], message)
         self.assertEqual([x.code for a, x in r["final"]], [250, 250])
         info, body = peers.SmtpSink.parseDump(s.waitDumps(1)[0])
         self.assertEqual(info["rcpt"], ["<a@sink.test>", "<b@sink.test>"])
         self.assertEqual(body, asStored(message).replace(b"\r", b""))
-        c = peers.LMTPClient(s.target)
+        c = BlockingLMTPClient(s.target)
         c.lhlo()
         c.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@sink.test>\r\nDATA\r\n")
         self.assertEqual([c.readReply().code for i in range(3)], [250, 250, 354])
@@ -156,10 +158,10 @@ class PeerTests(unittest.TestCase):
         self.assertEqual(s.messagesReceived(), 1, s.counters())
 
         r1 = peers.SmtpSink(self, args=peers.SmtpSink.tempfailRcpt("451 4.3.0 at rcpt"))
-        r = peers.lmtpDeliver(r1.target, SENDER, ["a@sink.test"], message)
+        r = lmtpDeliver(r1.target, SENDER, ["a@sink.test"], message)
         self.assertEqual(r["rcpt"][0].line, "451 4.3.0 at rcpt")
         r2 = peers.SmtpSink(self, args=peers.SmtpSink.tempfailData("451 4.3.0 at data"))
-        r = peers.lmtpDeliver(r2.target, SENDER, ["a@sink.test", "b@sink.test"], message)
+        r = lmtpDeliver(r2.target, SENDER, ["a@sink.test", "b@sink.test"], message)
         self.assertEqual([x.line for a, x in r["final"]], ["451 4.3.0 at data"] * 2)
 
     def test_postfixToDovecotDeferThenFlush(self):

@@ -22,6 +22,7 @@ import time
 from twisted.trial import unittest
 
 from tests import peers
+from tests.lmtpclient import BlockingLMTPClient, lmtpDeliver
 
 SENDER = "sender@origin.test"
 MOVER = "mover@example.test"
@@ -216,13 +217,13 @@ class MigrationTests(unittest.TestCase):
         # one more delivery to the old store is in flight when step 1
         # begins (an LMTP client holding its message open after DATA), and
         # ends 3 s into the reload --wait: the barrier must wait for it
-        held = peers.LMTPClient(proxy.target)
+        held = BlockingLMTPClient(proxy.target)
         self.addCleanup(held.close)
         held.lhlo()
         held.send(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
                   % (SENDER.encode(), MOVER.encode()))
         self.assertEqual([held.readReply().code for i in range(3)],
-                         [250, 250, 354], held.received)
+                         [250, 250, 354], held.lines)
         held.send(b"X-Mig-Seq: %d\r\nSubject: msg held\r\n\r\nheld\r\n"
                   % (HELD,))
         heldReply = []
@@ -250,7 +251,7 @@ class MigrationTests(unittest.TestCase):
         copied = finalSync(old, new, MOVER)
         mark("final sync: %d in old, %d copied" % (len(snapshot), copied))
         finisher.join(30)
-        self.assertEqual([r.code for r in heldReply], [250], held.received)
+        self.assertEqual([r.code for r in heldReply], [250], held.lines)
         self.assertEqual(copied, len(snapshot))
         # the delivery that was in flight is complete before the final sync
         self.assertIn(HELD, snapshot, context())
@@ -329,13 +330,13 @@ class MigrationTests(unittest.TestCase):
         Begin a delivery for MOVER through the proxy and send C{start} of its
         message, leaving it open; return the client.
         """
-        c = peers.LMTPClient(proxy.target)
+        c = BlockingLMTPClient(proxy.target)
         self.addCleanup(c.close)
         c.lhlo()
         c.send(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
                % (SENDER.encode(), MOVER.encode()))
         replies = [c.readReply() for i in range(3)]
-        self.assertEqual([r.code for r in replies], [250, 250, 354], c.received)
+        self.assertEqual([r.code for r in replies], [250, 250, 354], c.lines)
         c.send(start)
         return c
 
@@ -376,7 +377,7 @@ class MigrationTests(unittest.TestCase):
         c.send(b"second half\r\n.\r\n")
         final = c.readReply()
         finished = time.monotonic()
-        self.assertEqual(final.code, 250, c.received)
+        self.assertEqual(final.code, 250, c.lines)
         out, err = reload.communicate(timeout=30)
         returned = time.monotonic()
         self.assertEqual(reload.returncode, 0, (out, err))
@@ -414,13 +415,13 @@ class MigrationTests(unittest.TestCase):
         self.assertEqual(run.stdout, "")
         self.assertGreaterEqual(took, 0.9)
 
-        probe = peers.lmtpDeliver(proxy.target, SENDER, [MOVER],
-                                  b"Subject: probe\r\n\r\nprobe\r\n")
+        probe = lmtpDeliver(proxy.target, SENDER, [MOVER],
+                            b"Subject: probe\r\n\r\nprobe\r\n")
         self.assertEqual(probe["rcpt"][0].code, 451, probe["lines"])
         self.assertTrue(probe["rcpt"][0].text.startswith("4.2.1"), probe["lines"])
 
         c.send(b".\r\n")
         final = c.readReply()
-        self.assertEqual(final.code, 250, c.received)
+        self.assertEqual(final.code, 250, c.lines)
         c.quit()
         self.assertEqual(seqNumbers(old, MOVER), [7])

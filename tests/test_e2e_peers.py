@@ -1,7 +1,8 @@
 """
 End-to-end tests of the installed proxy (``twistd -n lmtp-proxy``) against
 real third-party peers: Dovecot LMTP delivery backends, Postfix's smtp-sink,
-swaks and a private Postfix instance (see tests/peers.py).
+swaks and a private Postfix instance (see tests/peers.py), and the
+blocking face of tests/lmtpclient.py.
 
 Every peer and the proxy run as separate processes, so the tests are plain
 blocking code. Each test is skipped when a peer is missing (it fails instead
@@ -16,6 +17,7 @@ import time
 from twisted.trial import unittest
 
 from tests import peers
+from tests.lmtpclient import BlockingLMTPClient, lmtpDeliver
 
 SENDER = "sender@origin.test"
 
@@ -145,9 +147,9 @@ class PipeliningTransparencyTests(_Base):
             {"alice@example.test": "old", "bob@example.test": "new"}))
         marker = b"raw-%d" % (os.getpid(),)
         message = transparencyMessage(marker)
-        result = peers.lmtpDeliver(proxy.target, SENDER,
-                                   ["bob@example.test", "alice@example.test"],
-                                   message)
+        result = lmtpDeliver(proxy.target, SENDER,
+                             ["bob@example.test", "alice@example.test"],
+                             message)
         self.assertEqual(result["mail"].code, 250, result["lines"])
         self.assertEqual([r.code for r in result["rcpt"]], [250, 250], result["lines"])
         self.assertEqual(result["data"].code, 354, result["lines"])
@@ -194,7 +196,7 @@ class MixedOutcomeTests(_Base):
                       "bob@example.test"]
         marker = b"mixed-%d" % (os.getpid(),)
         message = transparencyMessage(marker)
-        result = peers.lmtpDeliver(proxy.target, SENDER, recipients, message)
+        result = lmtpDeliver(proxy.target, SENDER, recipients, message)
         lines = result["lines"]
         rcpt = dict(zip(recipients, result["rcpt"]))
 
@@ -238,7 +240,7 @@ class SmtpSinkBackendTests(_Base):
         so this message has none).
         """
         sink = peers.SmtpSink(self, name="sink")
-        lhlo = peers.LMTPClient(sink.target)
+        lhlo = BlockingLMTPClient(sink.target)
         try:
             # the quirk this test is about, checked on the peer itself
             self.assertEqual(lhlo.lhlo().lines[-1], "250 ")
@@ -248,8 +250,8 @@ class SmtpSinkBackendTests(_Base):
             {"sink": sink.backendConfig()}, {"@sink.test": "sink"}))
         marker = b"sink-%d" % (os.getpid(),)
         message = transparencyMessage(marker).replace(b"bare\rCR", b"no bare CR")
-        result = peers.lmtpDeliver(proxy.target, SENDER,
-                                   ["one@sink.test", "two@sink.test"], message)
+        result = lmtpDeliver(proxy.target, SENDER,
+                             ["one@sink.test", "two@sink.test"], message)
         self.assertEqual([(a, r.code) for a, r in result["final"]],
                          [("one@sink.test", 250), ("two@sink.test", 250)],
                          result["lines"])
@@ -274,9 +276,9 @@ class SmtpSinkBackendTests(_Base):
                                   "451 4.3.0 e2e tempfail after DATA"))
         proxy = peers.Proxy(self, proxyConfig(
             {"sink": sink.backendConfig()}, {"@sink.test": "sink"}))
-        result = peers.lmtpDeliver(proxy.target, SENDER,
-                                   ["one@sink.test", "two@sink.test"],
-                                   transparencyMessage(b"nopipe"))
+        result = lmtpDeliver(proxy.target, SENDER,
+                             ["one@sink.test", "two@sink.test"],
+                             transparencyMessage(b"nopipe"))
         self.assertEqual([r.code for r in result["rcpt"]], [250, 250], result["lines"])
         self.assertEqual([(a, r.code) for a, r in result["final"]],
                          [("one@sink.test", 451), ("two@sink.test", 451)],
@@ -302,8 +304,8 @@ class ListenerTests(_Base):
         self.assertTrue(stat.S_ISSOCK(st.st_mode), oct(st.st_mode))
         self.assertEqual(stat.S_IMODE(st.st_mode), 0o660, oct(st.st_mode))
         self.assertEqual(proxy.target, path)
-        result = peers.lmtpDeliver(path, SENDER, ["one@sink.test"],
-                                   transparencyMessage(b"unix"))
+        result = lmtpDeliver(path, SENDER, ["one@sink.test"],
+                             transparencyMessage(b"unix"))
         self.assertEqual([(a, r.code) for a, r in result["final"]],
                          [("one@sink.test", 250)], result["lines"])
 
@@ -322,14 +324,14 @@ class AbortTests(_Base):
         proxy = peers.Proxy(self, proxyConfig(
             {"dove": dove.backendConfig(), "sink": sink.backendConfig()},
             {"@example.test": "dove", "@sink.test": "sink"}))
-        c = peers.LMTPClient(proxy.target)
+        c = BlockingLMTPClient(proxy.target)
         c.lhlo()
         c.send(b"MAIL FROM:<sender@origin.test>\r\n"
                b"RCPT TO:<alice@example.test>\r\n"
                b"RCPT TO:<one@sink.test>\r\n"
                b"DATA\r\n")
         replies = [c.readReply() for i in range(4)]
-        self.assertEqual([r.code for r in replies], [250, 250, 250, 354], c.received)
+        self.assertEqual([r.code for r in replies], [250, 250, 250, 354], c.lines)
         c.send(b"Subject: cut short\r\n\r\n" + b"partial line\r\n" * 2000
                + b"and the connection drops here")
         time.sleep(0.2)
@@ -345,8 +347,8 @@ class AbortTests(_Base):
         time.sleep(0.3)
         self.assertNothingDelivered(dove, sink)
         self.assertTrue(proxy.alive(), proxy.log())
-        after = peers.lmtpDeliver(proxy.target, SENDER, ["two@sink.test"],
-                                  transparencyMessage(b"after"))
+        after = lmtpDeliver(proxy.target, SENDER, ["two@sink.test"],
+                            transparencyMessage(b"after"))
         self.assertEqual([(a, r.code) for a, r in after["final"]],
                          [("two@sink.test", 250)], after["lines"])
 
@@ -362,9 +364,9 @@ class SmugglingTests(_Base):
         data = (b"Subject: smuggling\r\n\r\nfirst part\r\n" + payload +
                 b"MAIL FROM:<evil@origin.test>\r\nRCPT TO:<victim@example.test>\r\n"
                 b"DATA\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\n")
-        result = peers.lmtpDeliver(proxy.target, SENDER,
-                                   ["alice@example.test", "one@sink.test"],
-                                   data, raw=True)
+        result = lmtpDeliver(proxy.target, SENDER,
+                             ["alice@example.test", "one@sink.test"],
+                             data, raw=True)
         lines = result["lines"]
         self.assertEqual(result["data"].code, 354, lines)
         self.assertEqual(len(result["final"]), 2, lines)
@@ -465,7 +467,7 @@ class PostfixTests(_Base):
         # the reload has happened once a new session's RCPT for carol is
         # accepted (the proxy connects to new; no message is sent)
         def carolRouted():
-            c = peers.LMTPClient(path)
+            c = BlockingLMTPClient(path)
             try:
                 c.lhlo()
                 c.command("MAIL FROM:<probe@origin.test>")
@@ -517,7 +519,7 @@ class SinkFaultInjectionTests(_Base):
         delivered.
         """
         bad, ok, proxy = self._pair(["-W", ".:3"], data_timeout=1)
-        c = peers.LMTPClient(proxy.target)
+        c = BlockingLMTPClient(proxy.target)
         try:
             c.lhlo()
             started = time.monotonic()
@@ -525,18 +527,18 @@ class SinkFaultInjectionTests(_Base):
                                   transparencyMessage(b"slow-1").replace(
                                       b"bare\rCR", b"no bare CR"))
             elapsed = time.monotonic() - started
-            self.assertEqual([r.code for r in first["rcpt"]], [250, 250], c.received)
-            self.assertEqual(first["data"].code, 354, c.received)
+            self.assertEqual([r.code for r in first["rcpt"]], [250, 250], c.lines)
+            self.assertEqual(first["data"].code, 354, c.lines)
             self.assertEqual([(a, r.code) for a, r in first["final"]],
                              [("slow@bad.test", 451), ("fast@ok.test", 250)],
-                             c.received)
-            self.assertTrue(first["final"][0][1].text.startswith("4.4.2"), c.received)
+                             c.lines)
+            self.assertTrue(first["final"][0][1].text.startswith("4.4.2"), c.lines)
             self.assertLess(elapsed, 2.8, "the proxy waited for the slow sink")
             second = c.transaction(SENDER, ["again@ok.test"],
                                    transparencyMessage(b"slow-2"))
             self.assertEqual([(a, r.code) for a, r in second["final"]],
-                             [("again@ok.test", 250)], c.received)
-            self.assertEqual(c.command("NOOP").code, 250, c.received)
+                             [("again@ok.test", 250)], c.lines)
+            self.assertEqual(c.command("NOOP").code, 250, c.lines)
         finally:
             c.quit()
         dumps = ok.waitDumps(2)
@@ -555,8 +557,8 @@ class SinkFaultInjectionTests(_Base):
         """
         bad, ok, proxy = self._pair(["-q", "rcpt"])
         recipients = ["one@ok.test", "gone@bad.test", "two@ok.test"]
-        result = peers.lmtpDeliver(proxy.target, SENDER, recipients,
-                                   transparencyMessage(b"qrcpt"))
+        result = lmtpDeliver(proxy.target, SENDER, recipients,
+                             transparencyMessage(b"qrcpt"))
         lines = result["lines"]
         self.assertEqual([r.code for r in result["rcpt"]], [250, 451, 250], lines)
         self.assertTrue(result["rcpt"][1].text.startswith("4.4."), lines)
@@ -579,8 +581,8 @@ class SinkFaultInjectionTests(_Base):
         """
         bad, ok, proxy = self._pair(["-q", "."])
         recipients = ["a@bad.test", "fine@ok.test", "b@bad.test"]
-        result = peers.lmtpDeliver(proxy.target, SENDER, recipients,
-                                   transparencyMessage(b"qdot"))
+        result = lmtpDeliver(proxy.target, SENDER, recipients,
+                             transparencyMessage(b"qdot"))
         lines = result["lines"]
         self.assertEqual([r.code for r in result["rcpt"]], [250, 250, 250], lines)
         self.assertEqual([(a, r.code) for a, r in result["final"]],
@@ -601,8 +603,8 @@ class SinkFaultInjectionTests(_Base):
         """
         bad, ok, proxy = self._pair(["-q", "data"])
         recipients = ["x@bad.test", "y@ok.test"]
-        result = peers.lmtpDeliver(proxy.target, SENDER, recipients,
-                                   transparencyMessage(b"qdata"))
+        result = lmtpDeliver(proxy.target, SENDER, recipients,
+                             transparencyMessage(b"qdata"))
         lines = result["lines"]
         self.assertEqual([r.code for r in result["rcpt"]], [250, 250], lines)
         self.assertEqual(result["data"].code, 354, lines)

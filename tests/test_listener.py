@@ -12,12 +12,13 @@ import stat
 import subprocess
 import sys
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
 from lmtp_proxy import service as proxyservice
-from tests.support import LMTPTestClient, connectClient, deadPort, unixPath
+from tests.lmtpclient import connectClient
+from tests.support import deadPort, unixPath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWNER = "nobody"
@@ -129,7 +130,7 @@ class UnixListenerTests(unittest.TestCase):
         startService(self, unixListen(path))
         self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
         client = yield connectClient(self, path)
-        self.assertEqual(client.replies[0][-1][:3], "220")
+        self.assertEqual(client.replies[0].line[:3], "220")
 
     def test_permissions0660(self):
         """
@@ -206,7 +207,7 @@ class UnixListenerTests(unittest.TestCase):
         self.assertFalse(canConnect(path))
         startService(self, unixListen(path))
         client = yield connectClient(self, path)
-        self.assertEqual(client.replies[0][-1][:3], "220")
+        self.assertEqual(client.replies[0].line[:3], "220")
 
     def test_liveSocketKept(self):
         """
@@ -274,7 +275,7 @@ class UnixListenerTests(unittest.TestCase):
         self.assertTrue(os.path.lexists(path), "live socket removed")
         self.assertEqual(os.stat(path).st_ino, inode)
         self.assertTrue(canConnect(path))
-        self.assertEqual(svc._listeners[:1], [])
+        self.assertIsNone(svc.listener.port)
 
     @defer.inlineCallbacks
     def test_staleSocketReplacedDespiteReusedLockPid(self):
@@ -293,7 +294,7 @@ class UnixListenerTests(unittest.TestCase):
         self.addCleanup(svc.stopService)
         svc.privilegedStartService()
         client = yield connectClient(self, path)
-        self.assertEqual(client.replies[0][-1][:3], "220")
+        self.assertEqual(client.replies[0].line[:3], "220")
 
     def test_regularFileKept(self):
         """
@@ -423,10 +424,10 @@ class TCPListenerTests(unittest.TestCase):
         """
         port = deadPort()
         svc = startService(self, "  socket: [127.0.0.1, %d]\n" % (port,))
-        host = svc._listeners[0].getHost()
+        host = svc.listener.port.getHost()
         self.assertEqual((host.host, host.port), ("127.0.0.1", port))
         client = yield connectClient(self, port)
-        self.assertEqual(client.replies[0][-1][:3], "220")
+        self.assertEqual(client.replies[0].line[:3], "220")
 
     @defer.inlineCallbacks
     def test_ipv6Loopback(self):
@@ -438,12 +439,10 @@ class TCPListenerTests(unittest.TestCase):
             raise unittest.SkipTest("no IPv6 loopback on this machine")
         port = freeIPv6Port()
         svc = startService(self, '  socket: ["::1", %d]\n' % (port,))
-        host = svc._listeners[0].getHost()
+        host = svc.listener.port.getHost()
         self.assertEqual((host.type, host.host, host.port), ("TCP", "::1", port))
-        client = yield protocol.ClientCreator(reactor, LMTPTestClient).connectTCP("::1", port)
-        self.addCleanup(client.transport.abortConnection)
-        replies = yield client.waitReplies(1)
-        self.assertEqual(replies[0][:3], "220")
+        client = yield connectClient(self, ("::1", port))
+        self.assertEqual(client.replies[0].line[:3], "220")
 
     def test_portInUse(self):
         """

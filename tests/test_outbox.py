@@ -59,6 +59,11 @@ class LoopbackMixin:
 
 
 class SendNowTests(LoopbackMixin, unittest.TestCase):
+    """
+    L{sendNow} on real connections. They are the first to fail when Twisted
+    changes what L{lmtp_proxy.twisted_internals.sendOnSocket} relies on.
+    """
+
     @defer.inlineCallbacks
     def test_sentWithoutWaitingForTheReactor(self):
         """
@@ -84,6 +89,44 @@ class SendNowTests(LoopbackMixin, unittest.TestCase):
         sendNow(transport, b"second")
         self.assertIn(transport, reactor.getWriters())
         yield waitUntil(lambda: self.collector.received == b"first second")
+
+    @defer.inlineCallbacks
+    def test_partlySentDataKeepsItsPlace(self):
+        """
+        Data Twisted has begun to send, and holds the rest of, is not
+        overtaken once the socket has room again.
+        """
+        transport = yield self.connect()
+        peer = self.collector.transport
+        peer.pauseProducing()
+        data = bytes(range(256)) * 65536
+        sendNow(transport, data)
+        drained = bytearray()
+
+        def drain():
+            # Read on the peer's socket behind the reactor's back, so the
+            # sender's socket has room before Twisted writes again.
+            while True:
+                try:
+                    chunk = peer.socket.recv(1 << 20)
+                except BlockingIOError:
+                    return
+                drained.extend(chunk)
+
+        drain()
+        yield waitUntil(lambda: transport.dataBuffer, timeout=30)
+        drain()
+        sendNow(transport, b"tail")
+        peer.resumeProducing()
+        total = len(data) + len(b"tail")
+        yield waitUntil(
+            lambda: len(drained) + len(self.collector.received) == total, timeout=30
+        )
+        # Not assertEqual: its message would hold 16 MB.
+        self.assertTrue(
+            bytes(drained) + self.collector.received == data + b"tail",
+            "the tail overtook data Twisted held",
+        )
 
     @defer.inlineCallbacks
     def test_fullSocketLeavesTheRestToTwisted(self):

@@ -5,6 +5,7 @@ Packaging: the twistd plugin, setup.cfg, and what a build installs.
 from __future__ import annotations
 
 import configparser
+import re
 import os
 import shutil
 import subprocess
@@ -144,10 +145,13 @@ class SetupConfigTests(unittest.TestCase):
 
     def test_requirements(self):
         """
-        Twisted, PyYAML and zope.interface are required.
+        Twisted, PyYAML and zope.interface are required, Twisted within the
+        releases the tests of lmtp_proxy/twisted_internals.py passed on.
         """
         requires = _lines(_setupCfg()["options"]["install_requires"])
-        self.assertEqual(sorted(r.lower() for r in requires), ["pyyaml", "twisted", "zope.interface"])
+        names = sorted(re.split(r"[<>=!~ ;\[]", r, maxsplit=1)[0].lower() for r in requires)
+        self.assertEqual(names, ["pyyaml", "twisted", "zope.interface"])
+        self.assertIn("Twisted>=26.10,<27", requires)
 
     def test_consoleScript(self):
         """

@@ -1,64 +1,65 @@
 """
-One regression test per item of the "Client side" and "twistd" sections of
-twisted-mail-pitfalls.md (the "Server side" items are the
-C{test_pitfallN_*} tests in L{tests.test_server}).
+One regression test per client-side and twistd trap of
+docs/twisted-pitfalls.rst (traps C1-C6 and T1-T9; server-side trap SN is
+C{test_pitfallN_*} in L{tests.test_server}).
 
-Index (item -> test here; existing tests that also cover it):
+Index (trap -> test here; existing tests that also cover it):
 
 Client side
-  - EHLO/HELO, one reply after DATA then RSET:
+  - C1, C2: EHLO/HELO, one reply after DATA then RSET:
       test_client_lhloNotEhlo, test_client_oneReplyPerRecipientAfterData,
       test_client_noRsetAfterData
       (also tests.test_client.HandshakeTests.test_lhloAfterGreeting,
       tests.test_proxy.RoutingDeliveryTests.test_pipelinedTransactionRepliesInOrder)
-  - RCPTs not pipelined:
+  - C3: RCPTs not pipelined:
       test_client_rcptsPipelinedToPipeliningBackend,
       test_client_rcptsHeldWithoutPipelining
       (also tests.test_client.PipeliningTests.test_withPipeliningAllAtOnce,
       tests.test_proxy.TransactionTests.test_firstRcptPipelinedWithMail)
-  - transformChunk corrupts data (CRLF -> CR CR LF, first-line dot, dot at a
-    16 KiB chunk boundary):
+  - C4: transformChunk corrupts data (CRLF -> CR CR LF, first-line dot, dot
+    at a 16 KiB chunk boundary):
       test_client_writeDataVerbatim, test_client_crlfNotDoubled,
       test_client_leadingDotStuffedAsSent, test_client_dotAtReadBoundaries
       (also tests.test_proxy.ByteExactTests)
-  - sendLine keeps every line (AUTH included) in self.log, quoted in errors:
+  - C5: sendLine keeps every line (AUTH included) in self.log, quoted in
+    errors:
       test_client_noLogOfSentLines, test_client_errorsHoldNoSentLines
       (also tests.test_client.AuthTests.test_*KeepsSecrets,
       tests.test_proxy.AuthTests.test_authSentAndNotLogged)
-  - connectionLost fails every pending reply:
+  - C6: connectionLost fails every pending reply:
       test_client_connectionLostFailsEveryPendingReply
       (also tests.test_client.ConnectionLostTests.test_lostFailsAllPending)
 
 twistd
-  - plugin file holds only a ServiceMaker, lazy import:
+  - T1: plugin file holds only a ServiceMaker, lazy import:
       test_twistd_pluginHoldsOnlyServiceMaker, test_twistd_pluginImportIsLazy
       (also tests.test_packaging.PluginTests.test_pluginImportIsLazy, which
       may load an installed copy of the plugin rather than this tree's)
-  - no twisted/__init__.py nor twisted/plugins/__init__.py; twisted.plugins
-    listed explicitly in setup.cfg:
+  - T2: no twisted/__init__.py nor twisted/plugins/__init__.py;
+    twisted.plugins listed explicitly in setup.cfg:
       test_twistd_noNamespaceInits, test_twistd_pluginsPackageListed
       (also tests.test_packaging.NamespaceTests,
       tests.test_packaging.SetupConfigTests.test_packagesListedExplicitly)
-  - editable install: test_twistd_editableCompatDocumented
-  - startup order, makeService validates the config:
+  - T3: editable install: test_twistd_editableCompatDocumented
+  - T4: startup order, makeService validates the config:
       test_twistd_makeServiceBadConfigExits,
       test_twistd_makeServiceMissingFileExits,
       test_twistd_makeServiceDoesNotBind, test_twistd_bindInPrivilegedStart
       (also tests.test_twistd.TwistdTests.test_configErrorReachesTerminal)
-  - SIGUSR1 clash, previous handler chained:
+  - T5: SIGUSR1 clash, previous handler chained:
       test_twistd_sigusr1ChainsPreviousHandler,
       test_twistd_sigusr1RestoredOnStop
       (also tests.test_service.ReloadTests.test_sigusr1Reloads,
       tests.test_twistd.TwistdTests.test_sigusr1ReloadsAndRotatesLog)
-  - work from a signal handler through reactor.callFromThread:
+  - T6: work from a signal handler through reactor.callFromThread:
       test_twistd_signalWorkViaCallFromThread
-  - unix socket chmod survives the umask, chowned while root:
+  - T7: unix socket chmod survives the umask, chowned while root:
       test_twistd_socketModeSurvivesUmask,
       test_twistd_socketChownedInPrivilegedStart (more in tests.test_listener)
-  - wantPID removes a stale socket only when it is one:
+  - T8: wantPID removes a stale socket only when it is one:
       test_twistd_staleSocketReplaced, test_twistd_nonSocketKept
       (more in tests.test_listener)
-  - tests/__init__.py: test_twistd_testsPackageInit,
+  - T9: tests/__init__.py: test_twistd_testsPackageInit,
       test_twistd_trialDiscoversTests
 """
 
@@ -86,16 +87,15 @@ from lmtp_proxy.client import (
     BackendTimeout,
     LMTPClient,
 )
+from tests.lmtpclient import connectClient, transaction
 from tests.support import (
     PASSWORD,
     PLAIN_TOKEN,
     USER,
     FakeBackend,
     Proxy,
-    connectClient,
     deadPort,
     handshaken,
-    transaction,
     unixPath,
 )
 
@@ -192,7 +192,7 @@ class ClientPitfallTests(unittest.TestCase):
 
     def test_client_lhloNotEhlo(self):
         """
-        Pitfall (client) "Sends EHLO (falls back to HELO)": the handshake
+        Trap C1 "Sends EHLO (falls back to HELO)": the handshake
         sends LHLO and neither EHLO nor HELO.
         """
         clock = task.Clock()
@@ -210,7 +210,7 @@ class ClientPitfallTests(unittest.TestCase):
 
     def test_client_oneReplyPerRecipientAfterData(self):
         """
-        Pitfall (client) "expects one reply after DATA": after the final dot
+        Trap C2 "expects one reply after DATA": after the final dot
         each accepted recipient's reply goes to its own waiter, in RCPT
         order, and a 5xx for one does not disturb the others.
         """
@@ -232,7 +232,7 @@ class ClientPitfallTests(unittest.TestCase):
 
     def test_client_noRsetAfterData(self):
         """
-        Pitfall (client) "then sends RSET": after the final dot and its
+        Trap C2 "then sends RSET": after the final dot and its
         per-recipient replies nothing is sent to the backend (no RSET), and
         the next MAIL follows directly.
         """
@@ -252,7 +252,7 @@ class ClientPitfallTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_client_noRsetAfterDataEndToEnd(self):
         """
-        Pitfall (client) "one reply after DATA and then RSET", through the
+        Trap C2 "one reply after DATA and then RSET", through the
         proxy: two recipients on one backend get two replies after the dot
         and the backend sees no RSET after the message.
         """
@@ -267,7 +267,7 @@ class ClientPitfallTests(unittest.TestCase):
 
     def test_client_rcptsPipelinedToPipeliningBackend(self):
         """
-        Pitfall (client) "Does not pipeline RCPTs": towards a backend that
+        Trap C3 "Does not pipeline RCPTs": towards a backend that
         offers PIPELINING, MAIL and every RCPT are written before any reply,
         and the replies then reach their commands in order.
         """
@@ -289,7 +289,7 @@ class ClientPitfallTests(unittest.TestCase):
 
     def test_client_rcptsHeldWithoutPipelining(self):
         """
-        Pitfall (client) "Does not pipeline RCPTs", other side: a backend
+        Trap C3 "Does not pipeline RCPTs", other side: a backend
         without PIPELINING gets the second RCPT only after the first reply.
         """
         client, transport, clock, d = handshaken([b"8BITMIME"])
@@ -302,7 +302,7 @@ class ClientPitfallTests(unittest.TestCase):
 
     def test_client_writeDataVerbatim(self):
         """
-        Pitfall (client) "transformChunk corrupts data": L{writeData} puts
+        Trap C4 "transformChunk corrupts data": L{writeData} puts
         the bytes on the wire unchanged: CRLF stays CRLF, a stuffed dot on
         the first line and at the start of a later chunk stays as given.
         """
@@ -318,7 +318,7 @@ class ClientPitfallTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_client_crlfNotDoubled(self):
         """
-        Pitfall (client) "CRLF becomes \\r\\r\\n": through the proxy a
+        Trap C4 "CRLF becomes \\r\\r\\n": through the proxy a
         CRLF-terminated message reaches the backend with no CR added.
         """
         body = b"Subject: crlf\r\nX-A: 1\r\n\r\nline one\r\nline two\r\n\r\n"
@@ -330,7 +330,7 @@ class ClientPitfallTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_client_leadingDotStuffedAsSent(self):
         """
-        Pitfall (client) "a leading . on the first line is not stuffed":
+        Trap C4 "a leading . on the first line is not stuffed":
         a message whose first line the client dot-stuffed reaches the
         backend still stuffed, exactly as sent.
         """
@@ -343,7 +343,7 @@ class ClientPitfallTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_client_dotAtReadBoundaries(self):
         """
-        Pitfall (client) "a . at a 16 KiB FileSender chunk boundary is not
+        Trap C4 "a . at a 16 KiB FileSender chunk boundary is not
         stuffed, so a lone . can end the message early": a message whose
         client writes (hence the proxy's reads) end at body offsets 16384,
         49152 and 65536, with a stuffed lone dot starting at 16384, a CRLF
@@ -395,7 +395,7 @@ class ClientPitfallTests(unittest.TestCase):
 
     def test_client_noLogOfSentLines(self):
         """
-        Pitfall (client) "sendLine keeps every line sent ... in self.log":
+        Trap C5 "sendLine keeps every line sent ... in self.log":
         after AUTH PLAIN and a transaction, nothing reachable from the
         client's attributes holds the AUTH token or a sent command, and it
         has no C{log} of lines.
@@ -417,7 +417,7 @@ class ClientPitfallTests(unittest.TestCase):
 
     def test_client_errorsHoldNoSentLines(self):
         """
-        Pitfall (client) "self.log ... is embedded in SMTPClientError
+        Trap C5 "self.log ... is embedded in SMTPClientError
         messages": the errors a client fails with (protocol error, timeout,
         lost connection) quote none of the lines sent, AUTH included.
         """
@@ -443,7 +443,7 @@ class ClientPitfallTests(unittest.TestCase):
 
     def test_client_connectionLostFailsEveryPendingReply(self):
         """
-        Pitfall (client) "connectionLost fails every pending one": a lost
+        Trap C6 "connectionLost fails every pending one": a lost
         connection fails the per-recipient replies after the dot and a
         command still held back (no PIPELINING) with L{BackendLost}, whose
         reply is a 4xx, and leaves no timer behind.
@@ -493,7 +493,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_pluginHoldsOnlyServiceMaker(self):
         """
-        Pitfall (twistd) "Plugin file ... holding only a ServiceMaker": this
+        Trap T1 "Plugin file ... holding only a ServiceMaker": this
         tree's plugin file has only imports of
         C{twisted.application.service.ServiceMaker} and one assignment of a
         C{ServiceMaker(...)} call naming C{lmtp_proxy.service}.
@@ -520,7 +520,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_pluginImportIsLazy(self):
         """
-        Pitfall (twistd) "lazy import of the real module": loading this
+        Trap T1 "lazy import of the real module": loading this
         tree's plugin file (by path, not whichever copy is first on
         C{twisted.plugins.__path__}) imports no C{lmtp_proxy} module.
         """
@@ -542,7 +542,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_noNamespaceInits(self):
         """
-        Pitfall (twistd) "Never add twisted/__init__.py or
+        Trap T2 "Never add twisted/__init__.py or
         twisted/plugins/__init__.py": neither exists, and in a fresh
         interpreter with this tree first on the path C{twisted} and
         C{twisted.plugins} are the real Twisted's, with this tree's plugin
@@ -566,7 +566,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_pluginsPackageListed(self):
         """
-        Pitfall (twistd) "List twisted.plugins explicitly in setup.cfg
+        Trap T2 "List twisted.plugins explicitly in setup.cfg
         packages; find: cannot see it".
         """
         import configparser
@@ -580,7 +580,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_editableCompatDocumented(self):
         """
-        Pitfall (twistd) "pip install -e . ... installs an import-hook
+        Trap T3 "pip install -e . ... installs an import-hook
         finder that twistd's plugin scan does not see": the README tells
         whoever needs an editable install to use editable_mode=compat.
         """
@@ -590,7 +590,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_makeServiceBadConfigExits(self):
         """
-        Pitfall (twistd) "makeService (load and validate config here, errors
+        Trap T4 "makeService (load and validate config here, errors
         reach the terminal)": a bad config makes C{makeService} raise
         C{SystemExit} whose message is one line naming the file, the line and
         the key; no service is built and nothing is bound.
@@ -610,7 +610,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_makeServiceMissingFileExits(self):
         """
-        Pitfall (twistd) "makeService (load ... config here)": a config file
+        Trap T4 "makeService (load ... config here)": a config file
         that does not exist is a one-line C{SystemExit}, not a traceback
         later.
         """
@@ -622,7 +622,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_makeServiceDoesNotBind(self):
         """
-        Pitfall (twistd) "Startup order": C{makeService} only loads the
+        Trap T4 "Startup order": C{makeService} only loads the
         config and builds the service; the port stays free until
         C{privilegedStartService}.
         """
@@ -638,7 +638,7 @@ class TwistdPitfallTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_twistd_bindInPrivilegedStart(self):
         """
-        Pitfall (twistd) "privilegedStartService (still root: bind ...)":
+        Trap T4 "privilegedStartService (still root: bind ...)":
         the listener accepts connections after C{privilegedStartService}
         alone, before C{startService} (which runs after privileges drop).
         """
@@ -649,7 +649,7 @@ class TwistdPitfallTests(unittest.TestCase):
         self.addCleanup(svc.stopService)
         self.assertFalse(svc.running)
         client = yield connectClient(self, port)
-        self.assertEqual(client.replies[0][-1][:3], "220")
+        self.assertEqual(client.replies[0].line[:3], "220")
 
     def _signalService(self):
         """
@@ -668,7 +668,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_sigusr1ChainsPreviousHandler(self):
         """
-        Pitfall (twistd) "SIGUSR1 clash ... chaining to the previous handler
+        Trap T5 "SIGUSR1 clash ... chaining to the previous handler
         keeps both working": once the service started, the SIGUSR1 handler
         is the service's, and running it also runs the handler installed
         before (twistd's log rotation), once.
@@ -686,7 +686,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_sigusr1RestoredOnStop(self):
         """
-        Pitfall (twistd) "SIGUSR1 clash": stopping the service gives SIGUSR1
+        Trap T5 "SIGUSR1 clash": stopping the service gives SIGUSR1
         back to the handler that was there before.
         """
         self._installPrevious()
@@ -699,7 +699,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_signalWorkViaCallFromThread(self):
         """
-        Pitfall (twistd) "Do work from a signal handler with
+        Trap T6 "Do work from a signal handler with
         reactor.callFromThread": the handler itself only schedules the
         reload through the service's reactor's C{callFromThread}; nothing is
         reloaded until that call runs.
@@ -707,8 +707,10 @@ class TwistdPitfallTests(unittest.TestCase):
         svc, fake = self._signalService()
         generation = svc.state.generation
         called = []
-        svc.reload = lambda: called.append("reload") or defer.succeed(None)
-        svc._sigusr1(signal.SIGUSR1, None)
+        svc.reloader.reload = lambda: called.append("reload") or defer.succeed(None)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        signal.getsignal(signal.SIGUSR1)(signal.SIGUSR1, None)
         self.assertEqual(called, [])
         self.assertEqual(svc.state.generation, generation)
         self.assertEqual(len(fake.fromThread), 1)
@@ -727,7 +729,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_socketModeSurvivesUmask(self):
         """
-        Pitfall (twistd) "A unix listening port is chmoded after bind (mode
+        Trap T7 "A unix listening port is chmoded after bind (mode
         survives the umask)": with umask 077 (twistd's when daemonizing) the
         socket still gets the configured 0660.
         """
@@ -743,7 +745,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_socketChownedInPrivilegedStart(self):
         """
-        Pitfall (twistd) "never chowned: do it while still root": the socket
+        Trap T7 "never chowned: do it while still root": the socket
         has the configured owner and group as soon as
         C{privilegedStartService} returned.
         """
@@ -763,7 +765,7 @@ class TwistdPitfallTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_twistd_staleSocketReplaced(self):
         """
-        Pitfall (twistd) "wantPID=True removes a stale socket only when it
+        Trap T8 "wantPID=True removes a stale socket only when it
         really is one": a socket file left by a dead listener is replaced
         and the new socket answers.
         """
@@ -776,11 +778,11 @@ class TwistdPitfallTests(unittest.TestCase):
         svc.privilegedStartService()
         self.addCleanup(svc.stopService)
         client = yield connectClient(self, path)
-        self.assertEqual(client.replies[0][-1][:3], "220")
+        self.assertEqual(client.replies[0].line[:3], "220")
 
     def test_twistd_nonSocketKept(self):
         """
-        Pitfall (twistd) "only when it really is one": a regular file at the
+        Trap T8 "only when it really is one": a regular file at the
         socket path is neither removed nor overwritten; startup fails.
         """
         path = unixPath(self)
@@ -794,7 +796,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_testsPackageInit(self):
         """
-        Pitfall (twistd) "python -m twisted.trial tests needs
+        Trap T9 "python -m twisted.trial tests needs
         tests/__init__.py": it exists and C{tests} is a regular package.
         """
         import tests
@@ -804,7 +806,7 @@ class TwistdPitfallTests(unittest.TestCase):
 
     def test_twistd_trialDiscoversTests(self):
         """
-        Pitfall (twistd) "python -m twisted.trial tests": a dry run of
+        Trap T9 "python -m twisted.trial tests": a dry run of
         C{python -m twisted.trial tests} from the tree finds this module's
         tests.
         """

@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from lmtp_proxy.delivery import MAX_HELD
 
+from tests.lmtpclient import BODY, exchange, mail, transaction
 from tests.support import (
     PASSWORD,
     PLAIN_TOKEN,
@@ -17,7 +18,6 @@ from tests.support import (
     FakeBackend,
     Proxy,
     deadPort,
-    transaction,
     unixPath,
     waitUntil,
 )
@@ -49,30 +49,6 @@ class RoutingDeliveryTests(unittest.TestCase):
         self.assertIn("<z@a.test>", replies[9])
         self.assertEqual(a.messages, [b"Subject: test\r\n\r\nhello\r\n"])
         self.assertEqual(b.messages, [b"Subject: test\r\n\r\nhello\r\n"])
-
-
-BODY = b"Subject: test\r\n\r\nhello\r\n"
-
-
-def mail(recipients, body=BODY, sender=b"s@example.test", mailParams=b"", rcptParams=b""):
-    """
-    The bytes of one pipelined MAIL transaction (no LHLO, no QUIT).
-    """
-    lines = [b"MAIL FROM:<" + sender + b">" + mailParams]
-    lines += [b"RCPT TO:<" + r + b">" + rcptParams for r in recipients]
-    lines.append(b"DATA")
-    return b"\r\n".join(lines) + b"\r\n" + body + b".\r\n"
-
-
-@defer.inlineCallbacks
-def exchange(client, data, count):
-    """
-    Send C{data} and fire with the last lines of the next C{count} replies.
-    """
-    start = len(client.replies)
-    client.send(data)
-    replies = yield client.waitReplies(start + count)
-    return replies[start:]
 
 
 def twoBackends(testcase, settings=None, unix=False, **kw):
@@ -582,7 +558,7 @@ class EarlyGoAheadTests(unittest.TestCase):
         client.send(transaction([b"x@a.test"], body=body))
         yield waitUntil(lambda: any(s._pauses for s in proxy.factory.sessions))
         [session] = proxy.factory.sessions
-        held = session.transaction.sessions["a"]._heldSize
+        held = session.delivery.transaction.sessions["a"]._heldSize
         self.assertLess(held, MAX_HELD + 2 * 65536)
         replies = yield client.waitReplies(7)
         self.assertTrue(replies[5].startswith("250"), replies)

@@ -41,7 +41,7 @@ class SerializeTests(unittest.TestCase):
         self.assertEqual(again, loaded)
         self.assertEqual(dict(again.users), dict(loaded.users))
         self.assertEqual(again.backends["new"].password, "secret")
-        self.assertEqual(table.route("alice", "example.com").backend, "new")
+        self.assertEqual(table.lookup("alice", "example.com").backend, "new")
 
     def test_backendNamesShared(self):
         """

@@ -30,95 +30,95 @@ class AddressRoutingTests(unittest.TestCase):
 
     def test_exactAddress(self):
         """The full address matches its key."""
-        self.assertEqual(table().route("alice", "example.com"), Route("new", "alice@example.com", "address"))
+        self.assertEqual(table().lookup("alice", "example.com"), Route("new", "alice@example.com", "address"))
 
     def test_caseInsensitive(self):
         """Local part and domain are matched case-insensitively."""
-        self.assertEqual(table().route("ALICE", "Example.COM"), Route("new", "alice@example.com", "address"))
+        self.assertEqual(table().lookup("ALICE", "Example.COM"), Route("new", "alice@example.com", "address"))
 
     def test_keysLowercased(self):
         """Mixed-case keys given to the constructor still match."""
         t = table({"Alice@Example.com": "new"})
-        self.assertEqual(t.route("alice", "example.com"), Route("new", "alice@example.com", "address"))
+        self.assertEqual(t.lookup("alice", "example.com"), Route("new", "alice@example.com", "address"))
 
     def test_exactBeatsStripped(self):
         """A key for the address with its extension wins over the base address."""
-        self.assertEqual(table().route("alice+list", "example.com"), Route("list", "alice+list@example.com", "address"))
+        self.assertEqual(table().lookup("alice+list", "example.com"), Route("list", "alice+list@example.com", "address"))
 
     def test_stripped(self):
         """The extension is removed when the full address has no key."""
-        self.assertEqual(table().route("alice+news", "example.com"), Route("new", "alice@example.com", "address"))
+        self.assertEqual(table().lookup("alice+news", "example.com"), Route("new", "alice@example.com", "address"))
 
     def test_strippedAtFirstDelimiter(self):
         """The local part is cut at the first delimiter."""
-        self.assertEqual(table().route("bob+a+b", "example.com"), Route("old", "bob@example.com", "address"))
+        self.assertEqual(table().lookup("bob+a+b", "example.com"), Route("old", "bob@example.com", "address"))
 
     def test_leadingDelimiter(self):
         """A leading delimiter is not an extension: '+foo' is not stripped to ''."""
         t = table({"+foo@example.com": "new", "@example.com": "dom"})
-        self.assertEqual(t.route("+foo", "example.com"), Route("new", "+foo@example.com", "address"))
-        self.assertEqual(t.route("+bar", "example.com"), Route("dom", "@example.com", "domain"))
+        self.assertEqual(t.lookup("+foo", "example.com"), Route("new", "+foo@example.com", "address"))
+        self.assertEqual(t.lookup("+bar", "example.com"), Route("dom", "@example.com", "domain"))
 
     def test_leadingDelimiterNoEmptyKey(self):
         """'+foo' never looks up the empty local part '@domain' as an address."""
         t = table({"@example.com": "dom"})
-        self.assertEqual(t.route("+foo", "example.com").how, "domain")
+        self.assertEqual(t.lookup("+foo", "example.com").how, "domain")
 
     def test_emptyDelimiter(self):
         """An empty delimiter turns extension stripping off."""
         t = table(delimiter="")
-        self.assertIsNone(t.route("alice+news", "example.com"))
+        self.assertIsNone(t.lookup("alice+news", "example.com"))
 
     def test_otherDelimiter(self):
         """Only the configured delimiter characters split."""
         t = table(delimiter="-")
-        self.assertIsNone(t.route("alice+news", "example.com"))
-        self.assertEqual(t.route("alice-news", "example.com"), Route("new", "alice@example.com", "address"))
+        self.assertIsNone(t.lookup("alice+news", "example.com"))
+        self.assertEqual(t.lookup("alice-news", "example.com"), Route("new", "alice@example.com", "address"))
 
     def test_multipleDelimiters(self):
         """Each character of the delimiter string is a delimiter."""
         t = table(delimiter="+-")
-        self.assertEqual(t.route("alice-news", "example.com"), Route("new", "alice@example.com", "address"))
-        self.assertEqual(t.route("alice+news", "example.com"), Route("new", "alice@example.com", "address"))
+        self.assertEqual(t.lookup("alice-news", "example.com"), Route("new", "alice@example.com", "address"))
+        self.assertEqual(t.lookup("alice+news", "example.com"), Route("new", "alice@example.com", "address"))
 
     def test_multipleDelimitersFirstWins(self):
         """With several delimiter characters, the first one present splits."""
         t = table({"a@x": "one", "a-b@x": "two"}, delimiter="+-")
-        self.assertEqual(t.route("a-b+c", "x"), Route("one", "a@x", "address"))
+        self.assertEqual(t.lookup("a-b+c", "x"), Route("one", "a@x", "address"))
 
     def test_domainKey(self):
         """@domain matches any user of the domain without a key of their own."""
-        self.assertEqual(table().route("zed", "EXAMPLE.org"), Route("org", "@example.org", "domain"))
+        self.assertEqual(table().lookup("zed", "EXAMPLE.org"), Route("org", "@example.org", "domain"))
 
     def test_addressBeatsDomain(self):
         """An address key wins over the @domain key."""
         t = table({"a@x.org": "one", "@x.org": "two"})
-        self.assertEqual(t.route("a", "x.org"), Route("one", "a@x.org", "address"))
+        self.assertEqual(t.lookup("a", "x.org"), Route("one", "a@x.org", "address"))
 
     def test_strippedBeatsDomain(self):
         """The stripped address key wins over the @domain key."""
         t = table({"a@x.org": "one", "@x.org": "two"})
-        self.assertEqual(t.route("a+z", "x.org"), Route("one", "a@x.org", "address"))
+        self.assertEqual(t.lookup("a+z", "x.org"), Route("one", "a@x.org", "address"))
 
     def test_localpartKeyIgnored(self):
         """A bare localpart key does not match a full address when ignoreDomain is false."""
-        self.assertIsNone(table().route("carol", "example.com"))
+        self.assertIsNone(table().lookup("carol", "example.com"))
 
     def test_fallback(self):
         """Unmatched recipients go to the fallback."""
-        self.assertEqual(table(fallback="old").route("zed", "example.com"), Route("old", None, "fallback"))
+        self.assertEqual(table(fallback="old").lookup("zed", "example.com"), Route("old", None, "fallback"))
 
     def test_noRoute(self):
         """Unmatched recipients without a fallback have no route."""
-        self.assertIsNone(table().route("zed", "example.com"))
+        self.assertIsNone(table().lookup("zed", "example.com"))
 
     def test_reject(self):
         """A user mapped to reject routes to REJECT."""
-        self.assertEqual(table().route("dave", "example.com"), Route(REJECT, "dave@example.com", "address"))
+        self.assertEqual(table().lookup("dave", "example.com"), Route(REJECT, "dave@example.com", "address"))
 
     def test_fallbackReject(self):
         """The fallback may be reject."""
-        self.assertEqual(table(fallback=REJECT).route("zed", "x"), Route("reject", None, "fallback"))
+        self.assertEqual(table(fallback=REJECT).lookup("zed", "x"), Route("reject", None, "fallback"))
 
 
 class LocalpartRoutingTests(unittest.TestCase):
@@ -128,37 +128,37 @@ class LocalpartRoutingTests(unittest.TestCase):
 
     def test_ignoreDomain(self):
         """ignoreDomain matches the local part whatever the domain."""
-        self.assertEqual(table(ignoreDomain=True).route("Carol", "anything.net"), Route("new", "carol", "localpart"))
+        self.assertEqual(table(ignoreDomain=True).lookup("Carol", "anything.net"), Route("new", "carol", "localpart"))
 
     def test_ignoreDomainStripped(self):
         """ignoreDomain strips the extension from the local part."""
-        self.assertEqual(table(ignoreDomain=True).route("carol+x", "a.net"), Route("new", "carol", "localpart"))
+        self.assertEqual(table(ignoreDomain=True).lookup("carol+x", "a.net"), Route("new", "carol", "localpart"))
 
     def test_ignoreDomainSkipsDomainKeys(self):
         """ignoreDomain does not use address or @domain keys."""
-        self.assertIsNone(table(ignoreDomain=True).route("zed", "example.org"))
-        self.assertIsNone(table(ignoreDomain=True).route("alice", "example.com"))
+        self.assertIsNone(table(ignoreDomain=True).lookup("zed", "example.org"))
+        self.assertIsNone(table(ignoreDomain=True).lookup("alice", "example.com"))
 
     def test_ignoreDomainFallback(self):
         """ignoreDomain falls back when the local part has no key."""
-        self.assertEqual(table(ignoreDomain=True, fallback="old").route("zed", "x"), Route("old", None, "fallback"))
+        self.assertEqual(table(ignoreDomain=True, fallback="old").lookup("zed", "x"), Route("old", None, "fallback"))
 
     def test_noDomain(self):
         """An address without a domain is looked up by its local part."""
-        self.assertEqual(table().route("CAROL", None), Route("new", "carol", "localpart"))
+        self.assertEqual(table().lookup("CAROL", None), Route("new", "carol", "localpart"))
 
     def test_noDomainStripped(self):
         """An address without a domain has its extension stripped."""
-        self.assertEqual(table().route("carol+x", None), Route("new", "carol", "localpart"))
+        self.assertEqual(table().lookup("carol+x", None), Route("new", "carol", "localpart"))
 
     def test_noDomainExactBeatsStripped(self):
         """Without a domain, the exact local part wins over the stripped one."""
         t = table({"c+x": "one", "c": "two"})
-        self.assertEqual(t.route("c+x", None), Route("one", "c+x", "localpart"))
+        self.assertEqual(t.lookup("c+x", None), Route("one", "c+x", "localpart"))
 
     def test_noDomainFallback(self):
         """An unknown local part without a domain falls back."""
-        self.assertEqual(table(fallback="old").route("zed", None), Route("old", None, "fallback"))
+        self.assertEqual(table(fallback="old").lookup("zed", None), Route("old", None, "fallback"))
 
 
 class TableTests(unittest.TestCase):
@@ -171,7 +171,7 @@ class TableTests(unittest.TestCase):
         users = {"a@x": "one"}
         t = table(users)
         users["a@x"] = "two"
-        self.assertEqual(t.route("a", "x").backend, "one")
+        self.assertEqual(t.lookup("a", "x").backend, "one")
 
     def test_usersReadOnly(self):
         """The users view cannot be changed."""
@@ -197,7 +197,7 @@ class TableTests(unittest.TestCase):
         )
         t = RoutingTable.fromConfig(c)
         self.assertEqual(
-            (t.route("alice-x", "y"), t.route("alice+x", "y"), t.ignoreDomain, t.fallback, t.delimiter),
+            (t.lookup("alice-x", "y"), t.lookup("alice+x", "y"), t.ignoreDomain, t.fallback, t.delimiter),
             (Route("c", "alice", "localpart"), Route("b", None, "fallback"), True, "b", "-"),
         )
 

@@ -7,15 +7,27 @@ sockets, no backends, every backend answer fired by hand.
 import random
 import re
 
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.mail import smtp
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from lmtp_proxy import config as configuration
-from lmtp_proxy.client import reply
+from lmtp_proxy.envelope import Path, Recipient
+from lmtp_proxy.interfaces import (
+    ILMTPDelivery,
+    IMessage,
+    IMessageDelivery,
+    IMessageStream,
+    ITransaction,
+)
 from lmtp_proxy.outbox import Outbox
+from lmtp_proxy.reply import reply
 from lmtp_proxy.server import MAX_COMMAND_LINE, MAX_PENDING_INPUT, LMTPServer
 from lmtp_proxy.state import ProxyState
 
@@ -55,14 +67,43 @@ class StubBackendSession:
         self.aborted += 1
 
 
+@implementer(IMessageStream)
+class StubMessage:
+    """
+    The message of one accepted recipient of a L{StubTransaction}.
+    """
+
+    def __init__(self, transaction, index, rcptReply):
+        self.transaction = transaction
+        self.index = index
+        self.rcptReply = rcptReply
+
+    def __call__(self):
+        return self
+
+    def lineReceived(self, line):
+        raise AssertionError("a streaming message is never fed lines")
+
+    def eomReceived(self):
+        return self.transaction.verdicts[self.index]
+
+    def connectionLost(self):
+        raise AssertionError("the server ends an ILMTPDelivery's transaction itself")
+
+
+@implementer(ITransaction)
 class StubTransaction:
     """
-    A L{lmtp_proxy.delivery.Transaction} whose every answer the test controls.
+    The transaction of a L{StubDelivery}, whose every answer the test
+    controls.
 
     In automatic mode every RCPT gets its reply from C{delivery.rcptReplies}
     (default 250) and each accepted recipient gets L{delivered}; in manual
     mode the Deferreds in C{rcpts} and C{verdicts} wait for the test to fire
     them.
+
+    @ivar failed: the refusals of messages that ended refused, one per
+        message, recorded at the final dot.
     """
 
     def __init__(self, delivery, client, sender, params):
@@ -77,22 +118,28 @@ class StubTransaction:
         self.dataStarted = False
         self.pauseClient = self.resumeClient = None
         self.verdicts = None
+        self.refused = None
         self.failed = []
         self.aborted = 0
         self.resets = 0
 
-    def rcpt(self, address, local, domain, params):
+    def rcpt(self, user):
+        address = user.dest.raw
+        local, at, domain = user.dest.mailbox.rpartition("@")
+        if not at:
+            local, domain = user.dest.mailbox, None
         d = defer.Deferred()
         d.addCallback(self._rcptDone, address)
-        self.rcpts.append((address, local, domain, params, d))
+        self.rcpts.append((address, local, domain, user.dest.params, d))
         if self.delivery.auto:
             d.callback(self.delivery.rcptReplies.get(address, RCPT_OK))
         return d
 
     def _rcptDone(self, result, address):
-        if result.positive:
-            self.accepted.append(address)
-        return result
+        if not result.positive:
+            raise smtp.SMTPServerError(result.code, "\n".join(result.lines))
+        self.accepted.append(address)
+        return StubMessage(self, len(self.accepted) - 1, result)
 
     def startData(self, pauseClient, resumeClient):
         self.pauseClient, self.resumeClient = pauseClient, resumeClient
@@ -101,16 +148,19 @@ class StubTransaction:
     def write(self, data):
         self.written.append(data)
 
-    def finish(self):
+    def endData(self):
+        if self.refused is not None:
+            # The server answers a refused message itself: no verdicts.
+            self.failed.append(self.refused)
+            return
         self.verdicts = [defer.Deferred() for _ in self.accepted]
         if self.delivery.auto:
             for d, address in zip(self.verdicts, self.accepted):
                 d.callback(delivered(address))
-        return list(self.verdicts)
 
-    def fail(self, result):
-        self.failed.append(result)
-        return [result] * len(self.accepted)
+    def refuse(self, result):
+        self.refused = result
+        self.sessions["a"].abort()
 
     def abort(self, why=None):
         self.aborted += 1
@@ -125,23 +175,49 @@ class StubTransaction:
         self.rcpts[index][4].callback(result)
 
 
+@implementer(ILMTPDelivery)
 class StubDelivery:
     """
-    What the server needs of L{lmtp_proxy.delivery.Delivery}.
+    The delivery avatar of one session: a L{StubTransaction} per MAIL.
     """
 
-    def __init__(self, clock, state, auto):
-        self.reactor = clock
-        self.state = state
-        self.outbox = Outbox()
+    def __init__(self, auto):
         self.auto = auto
+        self.client = None
         self.rcptReplies = {}
         self.transactions = []
 
-    def begin(self, client, sender, params):
-        transaction = StubTransaction(self, client, sender, params)
+    def validateFrom(self, helo, origin):
+        transaction = StubTransaction(self, self.client, origin.raw, origin.params)
         self.transactions.append(transaction)
-        return transaction
+        return origin
+
+    def validateTo(self, user):
+        return self.transactions[-1].rcpt(user)
+
+    def receivedHeader(self, helo, origin, recipients):
+        return None
+
+    def resetTransaction(self):
+        self.transactions[-1].reset()
+
+    def abortTransaction(self, why):
+        self.transactions[-1].abort(why)
+
+
+@implementer(IRealm)
+class StubRealm:
+    """
+    Hands the one L{StubDelivery} of a test session out, naming its client.
+    """
+
+    def __init__(self, delivery):
+        self.delivery = delivery
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if isinstance(self.delivery, StubDelivery):
+            self.delivery.client = mind
+        return IMessageDelivery, self.delivery, lambda: None
 
 
 def parseReplies(data):
@@ -164,11 +240,12 @@ class Session:
     One server connected to a string transport, with a stub delivery.
     """
 
-    def __init__(self, settings="", auto=True, peer=None):
+    def __init__(self, settings="", auto=True, peer=None, delivery=None):
         self.clock = Clock()
         self.state = ProxyState(configuration.parse(CONFIG % (settings,), "<test>"))
-        self.delivery = StubDelivery(self.clock, self.state, auto)
-        self.server = LMTPServer(self.delivery)
+        self.delivery = StubDelivery(auto) if delivery is None else delivery
+        portal = Portal(StubRealm(self.delivery), [AllowAnonymousAccess()])
+        self.server = LMTPServer(portal, self.clock, lambda: self.state.config, Outbox())
         self.transport = StringTransportWithDisconnection(
             peerAddress=peer or IPv4Address("TCP", "192.0.2.1", 40000)
         )
@@ -1516,7 +1593,7 @@ class FlowControlTests(unittest.TestCase):
 
 class PitfallRegressionTests(ReplyAssertions, unittest.TestCase):
     """
-    One test per "Server side" item of docs/twisted-mail-pitfalls.md.
+    One test per "Server side" item of docs/twisted-pitfalls.rst.
     """
 
     def test_pitfall1_lhloNoopVrfy(self):
@@ -1685,3 +1762,132 @@ class PitfallRegressionTests(ReplyAssertions, unittest.TestCase):
         s.send(b"LHLO c\r\nMAIL FROM:<a@b> SIZE=5 BODY=7BIT\r\nRCPT TO:<u@a.test> NOTIFY=NEVER\r\n")
         self.assertEqual(s.transaction.params, [(b"SIZE", b"SIZE=5"), (b"BODY", b"BODY=7BIT")])
         self.assertEqual(s.transaction.rcpts[0][3], [(b"NOTIFY", b"NOTIFY=NEVER")])
+
+
+@implementer(IMessage)
+class PlainMessage:
+    """
+    A plain C{twisted.mail} message: lines in, one Deferred out.
+    """
+
+    def __init__(self, verdict):
+        self.lines = []
+        self.verdict = verdict
+        self.ended = False
+        self.lost = False
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+
+    def eomReceived(self):
+        self.ended = True
+        return self.verdict
+
+    def connectionLost(self):
+        self.lost = True
+
+
+@implementer(IMessageDelivery)
+class PlainDelivery:
+    """
+    An L{IMessageDelivery} written only against C{twisted.mail}'s
+    interfaces: no L{ILMTPDelivery}, no L{IMessageStream}.
+
+    @ivar verdicts: address -> the Deferred its message's C{eomReceived}
+        returns (default: success with C{None}).
+    @ivar refusals: address -> the L{smtp.SMTPBadRcpt} C{validateTo} raises.
+    """
+
+    def __init__(self):
+        self.messages = {}
+        self.verdicts = {}
+        self.refusals = {}
+        self.header = None
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user):
+        address = bytes(user.dest)
+        if address in self.refusals:
+            raise self.refusals[address]
+
+        def build():
+            message = PlainMessage(self.verdicts.get(address, defer.succeed(None)))
+            self.messages[address] = message
+            return message
+
+        return build
+
+    def receivedHeader(self, helo, origin, recipients):
+        return self.header
+
+
+class PlainDeliveryTests(unittest.TestCase):
+    """
+    The server with a plain C{twisted.mail} delivery: per-recipient replies
+    from each message's C{eomReceived}, and the message fed line by line.
+    """
+
+    def setUp(self):
+        self.plain = PlainDelivery()
+        self.session = Session(delivery=self.plain)
+
+    def test_perRecipientReplies(self):
+        """
+        Each recipient gets the reply its own message's C{eomReceived}
+        earned, in RCPT order: a success is 250, an L{smtp.SMTPServerError}
+        its code and text.
+        """
+        self.plain.verdicts[b"y@a.test"] = defer.fail(smtp.SMTPServerError(452, "4.2.2 full"))
+        self.session.send(envelope([b"x@a.test", b"y@a.test"]) + b"hi\r\n.\r\n")
+        replies = self.session.replies()
+        self.assertEqual(self.session.codes(), [220, 250, 250, 250, 250, 354, 250, 452])
+        self.assertEqual(replies[-1], [b"452 4.2.2 full"])
+
+    def test_linesUnstuffed(self):
+        """
+        Each message gets every line without its CRLF and with the
+        dot-stuffing removed, as C{twisted.mail} feeds them.
+        """
+        self.session.send(
+            envelope([b"x@a.test", b"y@a.test"]) + b"Subject: s\r\n\r\n..dot\r\nend\r\n.\r\n"
+        )
+        for address in (b"x@a.test", b"y@a.test"):
+            message = self.plain.messages[address]
+            self.assertEqual(message.lines, [b"Subject: s", b"", b".dot", b"end"])
+            self.assertTrue(message.ended)
+
+    def test_clientLeavesMidMessage(self):
+        """
+        A client that leaves before the final dot: every message is told
+        C{connectionLost} and none ends.
+        """
+        self.session.send(envelope([b"x@a.test", b"y@a.test"]) + b"Subject: s\r\n")
+        self.session.transport.loseConnection()
+        for message in self.plain.messages.values():
+            self.assertEqual((message.lost, message.ended), (True, False))
+
+    def test_trapS12_bytesRefusalText(self):
+        """
+        Trap S12: an L{smtp.SMTPBadRcpt} whose response is L{bytes} still
+        gives the client its code and text, never a hang.
+        """
+        user = Recipient(Path(b"n@a.test", "n@a.test", []), (b"", b""), None, None)
+        self.plain.refusals[b"n@a.test"] = smtp.SMTPBadRcpt(user, 550, b"5.1.1 no such user")
+        self.session.send(b"LHLO c\r\nMAIL FROM:<s@b>\r\nRCPT TO:<n@a.test>\r\nNOOP\r\n")
+        self.assertEqual(self.session.replies()[3], [b"550 5.1.1 no such user"])
+        self.assertEqual(self.session.codes()[-1], 250)
+
+    def test_trapS6_receivedHeaderLines(self):
+        """
+        Trap S6: a delivery's Received header holding C{"\\n\\t"} (as
+        C{twisted.mail} builds them) reaches the message as separate lines
+        before the message's own first line, which is not guessed at.
+        """
+        self.plain.header = b"Received: from c\n\tby proxy.test"
+        self.session.send(envelope([b"x@a.test"]) + b"no colon here\r\n.\r\n")
+        self.assertEqual(
+            self.plain.messages[b"x@a.test"].lines,
+            [b"Received: from c", b"\tby proxy.test", b"no colon here"],
+        )

@@ -8,6 +8,7 @@ import signal
 import socket
 
 import yaml
+from twisted.application.service import MultiService
 from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.trial import unittest
@@ -15,9 +16,10 @@ from twisted.trial import unittest
 from lmtp_proxy import config as configuration
 from lmtp_proxy import reloader
 from lmtp_proxy.control import controlAddress
-from lmtp_proxy.service import ProxyService
+from lmtp_proxy.service import ProxyService, makeService
 from lmtp_proxy.state import DrainTimeout
-from tests.support import FakeBackend, connectClient, deadPort, transaction, waitUntil
+from tests.lmtpclient import connectClient, transaction
+from tests.support import FakeBackend, deadPort, waitUntil
 
 
 def captureLog(testcase):
@@ -94,6 +96,14 @@ def control(address, request):
     return deferToThread(ask)
 
 
+def _fifoHasReader(path):
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return True
+
+
 class ReloadTests(unittest.TestCase):
     """
     Reloading re-reads the file and swaps the table only when it is valid.
@@ -108,9 +118,9 @@ class ReloadTests(unittest.TestCase):
         backends = {"a": a.entry, "b": b.entry}
         proxy = RunningProxy(self, backends, {"alice@x.test": "a"})
         proxy.write(backends, {"alice@x.test": "b"})
-        generation, summary = yield proxy.service.reload()
+        generation, summary = yield proxy.service.reloader.reload()
         self.assertEqual(generation, 2)
-        self.assertEqual(proxy.service.state.table.route("alice", "x.test").backend, "b")
+        self.assertEqual(proxy.service.state.table.lookup("alice", "x.test").backend, "b")
 
     @defer.inlineCallbacks
     def test_reloadLogsWhatChanged(self):
@@ -122,7 +132,7 @@ class ReloadTests(unittest.TestCase):
         backends = {"a": a.entry, "b": b.entry}
         proxy = RunningProxy(self, backends, {"alice@x.test": "a", "bob@x.test": "a"})
         proxy.write(backends, {"alice@x.test": "b", "carol@x.test": "a"})
-        yield proxy.service.reload()
+        yield proxy.service.reloader.reload()
         [line] = [l for l in log if l.startswith("reload: generation 2")]
         self.assertIn("users: 1 added, 1 removed, 1 moved", line)
 
@@ -136,7 +146,7 @@ class ReloadTests(unittest.TestCase):
         old, new, extra = FakeBackend(self), FakeBackend(self), FakeBackend(self)
         proxy = RunningProxy(self, {"a": old.entry, "gone": extra.entry}, {"@x.test": "a"})
         proxy.write({"a": new.entry, "added": extra.entry}, {"@x.test": "a"})
-        yield proxy.service.reload()
+        yield proxy.service.reloader.reload()
         client = yield proxy.connect()
         client.send(transaction([b"one@x.test"]))
         yield client.waitReplies(7)
@@ -154,9 +164,9 @@ class ReloadTests(unittest.TestCase):
         a = FakeBackend(self)
         proxy = RunningProxy(self, {"a": a.entry}, {"alice@x.test": "a"})
         proxy.write(None, None, text="config:\n  socket: [127.0.0.1, 1]\nusers:\n  bob: nowhere\n")
-        yield self.assertFailure(proxy.service.reload(), configuration.ConfigError)
+        yield self.assertFailure(proxy.service.reloader.reload(), configuration.ConfigError)
         self.assertEqual(proxy.service.state.generation, 1)
-        self.assertEqual(proxy.service.state.table.route("alice", "x.test").backend, "a")
+        self.assertEqual(proxy.service.state.table.lookup("alice", "x.test").backend, "a")
         refused = [l for l in log if l.startswith("reload refused")]
         self.assertEqual(len(refused), 1)
         self.assertIn("line 4", refused[0])
@@ -166,8 +176,8 @@ class ReloadTests(unittest.TestCase):
     def test_hungLoadTimesOut(self):
         """
         A file whose reading hangs (here a FIFO nobody writes) is refused
-        after the load timeout with one line, the table stays, and the next
-        reload is not held back.
+        after the load timeout with one line, the table stays, the child
+        stuck reading it is killed, and the next reload is not held back.
         """
         self.patch(reloader, "LOAD_TIMEOUT", 1.0)
         log = captureLog(self)
@@ -175,20 +185,16 @@ class ReloadTests(unittest.TestCase):
         proxy = RunningProxy(self, {"a": a.entry}, {"alice@x.test": "a"})
         os.remove(proxy.path)
         os.mkfifo(proxy.path)
-
-        def release():
-            # Lets the child's open() return, so it ends.
-            os.close(os.open(proxy.path, os.O_WRONLY | os.O_NONBLOCK))
-
-        yield self.assertFailure(proxy.service.reload(), configuration.ConfigError)
-        release()
+        yield self.assertFailure(proxy.service.reloader.reload(), configuration.ConfigError)
+        # Killed: nobody is left with the FIFO open for reading.
+        yield waitUntil(lambda: not _fifoHasReader(proxy.path))
         self.assertEqual(proxy.service.state.generation, 1)
         refused = [l for l in log if l.startswith("reload refused")]
         self.assertEqual(len(refused), 1)
         self.assertIn("not loaded within 1 s", refused[0])
         os.remove(proxy.path)
         proxy.write({"a": a.entry}, {"alice@x.test": "a", "bob@x.test": "a"})
-        generation, _ = yield proxy.service.reload()
+        generation, _ = yield proxy.service.reloader.reload()
         self.assertEqual(generation, 2)
 
     @defer.inlineCallbacks
@@ -201,7 +207,7 @@ class ReloadTests(unittest.TestCase):
         a = FakeBackend(self)
         proxy = RunningProxy(self, {"a": a.entry}, {"alice@x.test": "a"})
         proxy.write(None, None, text="config: [unclosed\n")
-        error = yield self.assertFailure(proxy.service.reload(), configuration.ConfigError)
+        error = yield self.assertFailure(proxy.service.reloader.reload(), configuration.ConfigError)
         self.assertIn(proxy.path, str(error))
         self.assertEqual(proxy.service.state.generation, 1)
         refused = [l for l in log if l.startswith("reload refused")]
@@ -219,7 +225,7 @@ class ReloadTests(unittest.TestCase):
         proxy = RunningProxy(self, {"a": a.entry}, {"alice@x.test": "a"})
         proxy.settings["socket"] = ["127.0.0.1", deadPort()]
         proxy.write({"a": a.entry}, {"alice@x.test": "a"})
-        yield proxy.service.reload()
+        yield proxy.service.reloader.reload()
         self.assertTrue(any("restart" in l for l in log))
         client = yield proxy.connect()
         self.assertEqual(client.codes(), [220])
@@ -238,7 +244,7 @@ class ReloadTests(unittest.TestCase):
         client.send(b"LHLO c\r\nMAIL FROM:<s@y>\r\nRCPT TO:<one@x.test>\r\n")
         yield client.waitReplies(4)
         proxy.write(backends, {"@x.test": "b"})
-        yield proxy.service.reload()
+        yield proxy.service.reloader.reload()
         client.send(b"RCPT TO:<two@x.test>\r\nDATA\r\nhi\r\n.\r\n")
         replies = yield client.waitReplies(8)
         self.assertEqual([r[:3] for r in replies[4:]], ["250", "354", "250", "250"])
@@ -262,7 +268,7 @@ class ReloadTests(unittest.TestCase):
         proxy.write(backends, {"alice@x.test": "b"})
         os.kill(os.getpid(), signal.SIGUSR1)
         yield waitUntil(lambda: proxy.service.state.generation == 2)
-        self.assertEqual(proxy.service.state.table.route("alice", "x.test").backend, "b")
+        self.assertEqual(proxy.service.state.table.lookup("alice", "x.test").backend, "b")
         self.assertEqual(called, [signal.SIGUSR1])
 
     @defer.inlineCallbacks
@@ -275,7 +281,7 @@ class ReloadTests(unittest.TestCase):
         a = FakeBackend(self)
         proxy = RunningProxy(self, {"a": a.entry}, {"alice@x.test": "a"})
         proxy.write(None, None, text="config:\n  socket: [127.0.0.1, 1]\nusers:\n  bob: nowhere\n")
-        proxy.service._sigusr1(signal.SIGUSR1, None)
+        os.kill(os.getpid(), signal.SIGUSR1)
         yield waitUntil(lambda: any(l.startswith("reload refused") for l in log))
         gc.collect()
         yield task.deferLater(reactor, 0, lambda: None)
@@ -377,6 +383,45 @@ class StartTests(unittest.TestCase):
         backend = FakeBackend(self)
         RunningProxy(self, {"a": backend.entry}, {"x@a.test": "a"})
         self.assertGreater(gc.get_freeze_count(), 0)
+
+
+class TreeTests(unittest.TestCase):
+    """
+    L{makeService} builds the proxy as a tree of services, each with one job.
+    """
+
+    def build(self, **settings):
+        """
+        The service C{makeService} makes of a configuration with
+        C{settings}; nothing is bound.
+        """
+        path = os.path.abspath(self.mktemp())
+        settings = dict({"socket": ["127.0.0.1", deadPort()]}, **settings)
+        with open(path, "w") as f:
+            yaml.safe_dump({"config": settings, "backends": {}, "users": {}}, f)
+        return makeService({"config": path})
+
+    def test_children(self):
+        """
+        L{makeService} returns a C{MultiService} whose children, in the
+        order they start, are the sessions, the listener, the control
+        socket, the workers and the reload machinery.
+        """
+        svc = self.build(workers=2)
+        self.assertIsInstance(svc, MultiService)
+        self.assertEqual(
+            [child.name for child in svc],
+            ["sessions", "listener", "control", "workers", "reload"],
+        )
+
+    def test_noWorkersForOneProcess(self):
+        """
+        With C{workers: 1} the tree has no workers child.
+        """
+        svc = self.build(workers=1)
+        self.assertEqual(
+            [child.name for child in svc], ["sessions", "listener", "control", "reload"]
+        )
 
 
 class StopTests(unittest.TestCase):

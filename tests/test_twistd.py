@@ -11,7 +11,8 @@ import yaml
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from tests.support import FakeBackend, connectClient, deadPort, transaction
+from tests.lmtpclient import connectClient, transaction
+from tests.support import FakeBackend, deadPort
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

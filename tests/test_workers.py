@@ -5,17 +5,17 @@ meaning across processes.
 
 import os
 import signal
-import socket
 import stat
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
 from lmtp_proxy.reloader import serialize
 from lmtp_proxy.state import DrainTimeout, ProxyState
-from lmtp_proxy.workers import Worker, Workers, _SharedUNIXPort
-from tests.support import FakeBackend, connectClient, transaction, unixPath, waitUntil
+from lmtp_proxy.workers import Worker, Workers
+from tests.lmtpclient import connectClient, transaction
+from tests.support import FakeBackend, unixPath, waitUntil
 from tests.test_service import RunningProxy, captureLog
 
 
@@ -27,7 +27,7 @@ class WorkerProxy(RunningProxy):
 
     def __init__(self, testcase, backends, users, **settings):
         RunningProxy.__init__(self, testcase, backends, users, workers=2, **settings)
-        self.service._listeners[0].stopReading()
+        self.service.listener.port.stopReading()
 
     @defer.inlineCallbacks
     def ready(self):
@@ -93,7 +93,7 @@ class WorkerTests(unittest.TestCase):
         proxy = WorkerProxy(self, backends, {"alice@x.test": "a"})
         yield proxy.ready()
         proxy.write(backends, {"alice@x.test": "b"})
-        generation, _ = yield proxy.service.reload()
+        generation, _ = yield proxy.service.reloader.reload()
         self.assertEqual(generation, 2)
         client = yield proxy.connect()
         client.send(transaction([b"alice@x.test"]))
@@ -112,14 +112,14 @@ class WorkerTests(unittest.TestCase):
         client = yield proxy.connect()
         client.send(b"LHLO c\r\nMAIL FROM:<s@y>\r\nRCPT TO:<one@x.test>\r\n")
         yield client.waitReplies(4)
-        generation, _ = yield proxy.service.reload()
+        generation, _ = yield proxy.service.reloader.reload()
         error = yield self.assertFailure(
-            proxy.service.whenDrained(generation, 0.5), DrainTimeout
+            proxy.service.reloader.whenDrained(generation, 0.5), DrainTimeout
         )
         self.assertIn("1 transaction(s) begun before generation 2", str(error))
         client.send(b"DATA\r\nhi\r\n.\r\n")
         yield client.waitReplies(6)
-        drained = yield proxy.service.whenDrained(generation, 10)
+        drained = yield proxy.service.reloader.whenDrained(generation, 10)
         self.assertEqual(drained, generation)
 
     @defer.inlineCallbacks
@@ -195,7 +195,7 @@ class WorkerTests(unittest.TestCase):
         worker = yield proxy.ready()
         worker.transport.signalProcess(signal.SIGSTOP)
         proxy.write(backends, {"alice@x.test": "b"})
-        generation, _ = yield proxy.service.reload()
+        generation, _ = yield proxy.service.reloader.reload()
         self.assertEqual(generation, 2)
         self.assertTrue(worker.exited.called)
         yield proxy.replaced(worker)
@@ -218,7 +218,7 @@ class WorkerTests(unittest.TestCase):
         yield worker.exited
         proxy.write(backends, {"alice@x.test": "b"})
         started = reactor.seconds()
-        generation, _ = yield proxy.service.reload()
+        generation, _ = yield proxy.service.reloader.reload()
         self.assertEqual(generation, 2)
         self.assertLess(reactor.seconds() - started, 10)
         yield waitUntil(lambda: proxy.service.workers.processes, timeout=30)
@@ -239,7 +239,7 @@ class WorkerTests(unittest.TestCase):
         worker = yield proxy.ready()
         worker.transport.signalProcess(signal.SIGSTOP)
         proxy.write(backends, {"alice@x.test": "b"})
-        reloading = proxy.service.reload()
+        reloading = proxy.service.reloader.reload()
         yield waitUntil(lambda: proxy.service.state.generation == 2, timeout=30)
         worker.transport.signalProcess(signal.SIGKILL)
         generation, _ = yield reloading
@@ -270,36 +270,6 @@ class WorkerConfigureTests(unittest.TestCase):
     """
 
     @defer.inlineCallbacks
-    def test_sharedUnixSocketNotChmodded(self):
-        """
-        A worker serves the master's unix socket without changing its file:
-        after twistd dropped privileges the worker may not own it, and a
-        chmod would fail.
-        """
-        path = unixPath(self)
-        listening = socket.socket(socket.AF_UNIX)
-        self.addCleanup(listening.close)
-        listening.bind(path)
-        listening.listen(5)
-        os.chmod(path, 0o640)
-
-        def refuse(*args):
-            raise PermissionError(1, "Operation not permitted")
-
-        self.patch(os, "chmod", refuse)
-        greeted = []
-        factory = protocol.Factory.forProtocol(protocol.Protocol)
-        factory.buildProtocol = lambda addr: greeted.append(addr)
-        port = _SharedUNIXPort._fromListeningDescriptor(reactor, listening.fileno(), factory)
-        port.startListening()
-        self.addCleanup(port.stopListening)
-        client = socket.socket(socket.AF_UNIX)
-        self.addCleanup(client.close)
-        client.connect(path)
-        yield waitUntil(lambda: greeted)
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o640)
-
-    @defer.inlineCallbacks
     def test_olderConfigurationNeverReplacesNewer(self):
         """
         Configurations are built in threads and can finish out of order: one
@@ -313,5 +283,5 @@ class WorkerConfigureTests(unittest.TestCase):
         worker.state.generation = 3
         yield worker.configure(serialize(older), 2)
         self.assertEqual(worker.state.generation, 3)
-        self.assertEqual(worker.state.table.route("alice", "x.test").backend, "b")
+        self.assertEqual(worker.state.table.lookup("alice", "x.test").backend, "b")
 

@@ -1,0 +1,145 @@
+"""
+Every use this project makes of Twisted's private names, in one place.
+
+Twisted may rename or change anything private in any release, without a
+deprecation period. So nothing else in C{lmtp_proxy} touches a private
+Twisted name; each item here says what it relies on and which test fails
+first when Twisted changes that. C{setup.cfg} bounds Twisted to the releases
+these tests passed on, and C{README.rst} ("Checking a newer Twisted") says
+how to widen the bound.
+
+The items:
+
+  - L{sendOnSocket}: writing to a connection's socket directly
+    (C{tests.test_outbox.SendNowTests}).
+  - L{adoptSharedUNIXPort}: serving a unix listening socket that another
+    process owns (C{tests.test_twisted_internals.SharedUNIXPortTests}).
+  - L{listenUNIXQuietly}: a unix port that does not log its raw name when
+    it closes (C{tests.test_twisted_internals.QuietUNIXPortTests}).
+"""
+
+from twisted.internet import tcp, unix
+
+
+def sendOnSocket(transport, data):
+    """
+    Send C{data} on the socket of C{transport} now, if the transport is a
+    plain TCP or UNIX connection that is open, neither closing nor aborted,
+    without TLS, and with nothing queued ahead of C{data}.
+
+    Relies on L{tcp.Connection} (the base of TCP and UNIX connections)
+    keeping what C{write} queued in the private C{_tempDataBuffer} and what
+    a partial send left in C{dataBuffer}, marking C{abortConnection} in the
+    private C{_aborting}, and on its C{socket}. A renamed private attribute
+    makes every write fall back to C{transport.write}, slower but still
+    right: C{tests.test_outbox.SendNowTests.test_sentWithoutWaitingForTheReactor}
+    fails first. Data that Twisted holds anywhere else would be overtaken:
+    C{test_queuedDataKeepsItsPlace} (written, not yet sent) or
+    C{test_partlySentDataKeepsItsPlace} (partly sent) of the same class
+    fails.
+
+    @return: how many bytes of C{data} the socket took; C{0} whenever the
+        transport must be left to write all of it.
+    """
+    # getattr's defaults read a missing attribute as "not safe to send".
+    if not (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not getattr(transport, "_aborting", True)
+        and not getattr(transport, "TLS", True)
+        and not transport.dataBuffer
+        and not getattr(transport, "_tempDataBuffer", True)
+    ):
+        return 0
+    try:
+        return transport.socket.send(data)
+    except OSError:
+        # Twisted's own write reports the error the same way it always does.
+        return 0
+
+
+class _SharedUNIXPort(unix.Port):
+    """
+    A unix listening socket adopted from another process. When a unix port
+    closes, Twisted shuts the socket down (which would stop the other
+    process's copy from accepting too) and removes its file; both belong to
+    the process that made the socket.
+    """
+
+    _shouldShutdown = False
+
+    def startListening(self):
+        """
+        Serve the adopted socket as it is: Twisted's own would chmod the
+        file, which fails (EPERM) after twistd dropped privileges, and would
+        change the owner's mode anyway.
+        """
+        tcp._reservedFD.reserve()
+        self.factory.doStart()
+        self.socket, self._preexistingSocket = self._preexistingSocket, None
+        self.socket.setblocking(False)
+        self.fileno = self.socket.fileno
+        self.connected = True
+        self.numberAccepts = 100
+        self.startReading()
+
+    def connectionLost(self, reason):
+        """
+        Close the socket, leaving its file: C{unix.Port.connectionLost}
+        would remove it.
+        """
+        tcp.Port.connectionLost(self, reason)
+
+
+def adoptSharedUNIXPort(reactor, fd, factory):
+    """
+    Serve connections for C{factory} from the listening unix socket C{fd},
+    which another process made and keeps: its file, mode and listening
+    state stay as they are, also once this port stops.
+
+    Relies on L{unix.Port}'s private C{_fromListeningDescriptor},
+    C{_preexistingSocket} and C{_shouldShutdown}, on
+    C{tcp._reservedFD}, on what C{unix.Port.startListening} sets up
+    besides binding (C{socket}, C{fileno}, C{connected}, C{numberAccepts})
+    and on C{unix.Port.connectionLost} being what removes the file.
+    C{tests.test_twisted_internals.SharedUNIXPortTests} fails first when
+    one changes (C{tests.test_workers.WorkerTests.test_workerEndingKeepsUnixSocket}
+    then checks the same with real worker processes).
+
+    @return: the listening port.
+    """
+    port = _SharedUNIXPort._fromListeningDescriptor(reactor, fd, factory)
+    port.startListening()
+    return port
+
+
+class _QuietUNIXPort(unix.Port):
+    """
+    A unix port that does not log its name when it closes: Twisted logs
+    the raw name, and an abstract name begins with a NUL byte, which turns
+    a log file into a binary file for grep.
+    """
+
+    def _logConnectionLostMsg(self):
+        pass
+
+
+def listenUNIXQuietly(reactor, address, factory, mode):
+    """
+    Listen for C{factory} on the unix socket C{address} (a path, or an
+    abstract name beginning with NUL) with C{mode}, as
+    C{reactor.listenUNIX} does, but log nothing when the port closes.
+
+    Relies on L{unix.Port} logging its closing through the private
+    C{_logConnectionLostMsg} alone (its start message gives the name's
+    C{repr}, which has no NUL byte).
+    C{tests.test_twisted_internals.QuietUNIXPortTests.test_abstractNameNotLogged}
+    fails first when that changes.
+
+    @return: the listening port.
+    @raise twisted.internet.error.CannotListenError: as C{listenUNIX}.
+    """
+    port = _QuietUNIXPort(address, factory, mode=mode, reactor=reactor)
+    port.startListening()
+    return port

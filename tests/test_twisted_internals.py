@@ -1,0 +1,137 @@
+"""
+Tests for L{lmtp_proxy.twisted_internals}: each fails first when Twisted
+changes a private name the item relies on. (The direct send is tested by
+L{tests.test_outbox.SendNowTests}.)
+"""
+
+import os
+import socket
+import stat
+
+from twisted.internet import defer, protocol, reactor
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
+
+from lmtp_proxy.twisted_internals import adoptSharedUNIXPort, listenUNIXQuietly
+from tests.support import unixPath
+
+
+class _Accepted(protocol.Factory):
+    """
+    Records the connections it is offered, and refuses them.
+    """
+
+    def __init__(self):
+        self.offered = defer.Deferred()
+
+    def buildProtocol(self, addr):
+        if not self.offered.called:
+            self.offered.callback(addr)
+        return None
+
+
+def listeningSocket(testcase, path):
+    """
+    A unix socket listening at C{path}, as the master process makes it;
+    closed at cleanup.
+    """
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    testcase.addCleanup(listening.close)
+    listening.bind(path)
+    listening.listen(5)
+    return listening
+
+
+def connect(testcase, path):
+    """
+    Connect to the unix socket C{path}; closed at cleanup.
+    """
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    testcase.addCleanup(client.close)
+    client.settimeout(5)
+    client.connect(path)
+    return client
+
+
+class SharedUNIXPortTests(unittest.TestCase):
+    """
+    L{adoptSharedUNIXPort} serves another process's unix listening socket and
+    leaves it to that process.
+    """
+
+    @defer.inlineCallbacks
+    def test_servesWithoutChmod(self):
+        """
+        The adopted socket accepts connections and its file is not changed:
+        after twistd dropped privileges a worker may not own it, and a chmod
+        would fail.
+        """
+        path = unixPath(self)
+        listening = listeningSocket(self, path)
+        os.chmod(path, 0o640)
+
+        def refuse(*args):
+            raise PermissionError(1, "Operation not permitted")
+
+        self.patch(os, "chmod", refuse)
+        factory = _Accepted()
+        port = adoptSharedUNIXPort(reactor, listening.fileno(), factory)
+        self.addCleanup(port.stopListening)
+        connect(self, path)
+        yield factory.offered
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o640)
+
+    @defer.inlineCallbacks
+    def test_stopLeavesSocketToItsOwner(self):
+        """
+        Once the adopted port stops, the socket file is still there and the
+        owner's socket still accepts: Twisted neither removed the file nor
+        shut the shared socket down.
+        """
+        path = unixPath(self)
+        listening = listeningSocket(self, path)
+        port = adoptSharedUNIXPort(reactor, listening.fileno(), _Accepted())
+        yield port.stopListening()
+        self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
+        connect(self, path)
+        listening.settimeout(5)
+        accepted, _ = listening.accept()
+        accepted.close()
+
+
+class QuietUNIXPortTests(unittest.TestCase):
+    """
+    L{listenUNIXQuietly} listens like C{listenUNIX} but logs no raw socket
+    name.
+    """
+
+    @defer.inlineCallbacks
+    def test_abstractNameNotLogged(self):
+        """
+        Closing a port on an abstract name (which begins with NUL) puts no
+        NUL byte into the log.
+        """
+        lines = []
+        observer = lambda event: lines.append(formatEvent(event))
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        address = "\0lmtp-proxy-test:%d:quiet" % (os.getpid(),)
+        port = listenUNIXQuietly(reactor, address, _Accepted(), 0o600)
+        yield port.stopListening()
+        self.assertTrue(lines, "nothing was logged")
+        self.assertEqual([line for line in lines if "\0" in line], [])
+
+    @defer.inlineCallbacks
+    def test_pathGetsModeAndIsRemoved(self):
+        """
+        A socket at a path gets the mode asked for, accepts connections, and
+        its file is removed when the port stops.
+        """
+        path = unixPath(self)
+        factory = _Accepted()
+        port = listenUNIXQuietly(reactor, path, factory, 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        connect(self, path)
+        yield factory.offered
+        yield port.stopListening()
+        self.assertFalse(os.path.lexists(path))
