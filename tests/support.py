@@ -6,6 +6,7 @@ loopback (L{tests.lmtpclient} is the client that talks to them).
 import base64
 import os
 import re
+import socket
 import tempfile
 
 import yaml
@@ -147,7 +148,13 @@ class FakeBackend(protocol.Factory):
     protocol = FakeBackendProtocol
     noisy = False
 
-    def __init__(self, testcase, unix=None, extensions=("PIPELINING", "8BITMIME", "SIZE", "DSN")):
+    def __init__(
+        self, testcase, unix=None, extensions=("PIPELINING", "8BITMIME", "SIZE", "DSN"), tls=None
+    ):
+        """
+        @param tls: TLS options (L{CertificateOptions}) for a backend that
+            speaks TLS from the first byte.
+        """
         self.greeting = b"220 fake.test LMTP ready\r\n"
         self.extensions = list(extensions)
         self.lhloTrailer = b""
@@ -161,7 +168,10 @@ class FakeBackend(protocol.Factory):
         self.received = []
         self.connections = 0
         self.open = set()
-        if unix is None:
+        if tls is not None:
+            self.port = reactor.listenSSL(0, self, tls, interface="127.0.0.1")
+            self.entry = {"host": "127.0.0.1", "port": self.port.getHost().port}
+        elif unix is None:
             self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
             self.entry = {"host": "127.0.0.1", "port": self.port.getHost().port}
         else:
@@ -185,8 +195,6 @@ def deadPort():
     """
     A 127.0.0.1 port nothing listens on.
     """
-    import socket
-
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -291,3 +299,15 @@ def handshaken(extensions=(b"PIPELINING",), timeout=5.0, user=None, password=Non
         )
     )
     return client, transport, clock, d
+
+
+def liveSocket(testcase, path):
+    """
+    A unix socket listening at C{path} until the test ends, as another
+    running server (or the master process) would have it.
+    """
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    testcase.addCleanup(live.close)
+    live.bind(path)
+    live.listen(5)
+    return live

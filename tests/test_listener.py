@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from lmtp_proxy import config as configuration
 from lmtp_proxy import service as proxyservice
 from tests.lmtpclient import connectClient
-from tests.support import deadPort, unixPath
+from tests.support import deadPort, liveSocket, unixPath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWNER = "nobody"
@@ -48,18 +48,6 @@ def startService(testcase, listen):
 
 def unixListen(path, extra=""):
     return "  socket: %s\n%s" % (path, extra)
-
-
-def liveSocket(testcase, path):
-    """
-    Listen on a unix socket at C{path} until the test ends, as another
-    running server would.
-    """
-    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    testcase.addCleanup(live.close)
-    live.bind(path)
-    live.listen(5)
-    return live
 
 
 def staleSocket(path):

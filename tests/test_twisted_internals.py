@@ -13,7 +13,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from lmtp_proxy.twisted_internals import adoptSharedUNIXPort, listenUNIXQuietly
-from tests.support import unixPath
+from tests.support import liveSocket, unixPath
 
 
 class _Accepted(protocol.Factory):
@@ -28,18 +28,6 @@ class _Accepted(protocol.Factory):
         if not self.offered.called:
             self.offered.callback(addr)
         return None
-
-
-def listeningSocket(testcase, path):
-    """
-    A unix socket listening at C{path}, as the master process makes it;
-    closed at cleanup.
-    """
-    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    testcase.addCleanup(listening.close)
-    listening.bind(path)
-    listening.listen(5)
-    return listening
 
 
 def connect(testcase, path):
@@ -67,7 +55,7 @@ class SharedUNIXPortTests(unittest.TestCase):
         would fail.
         """
         path = unixPath(self)
-        listening = listeningSocket(self, path)
+        listening = liveSocket(self, path)
         os.chmod(path, 0o640)
 
         def refuse(*args):
@@ -89,7 +77,7 @@ class SharedUNIXPortTests(unittest.TestCase):
         shut the shared socket down.
         """
         path = unixPath(self)
-        listening = listeningSocket(self, path)
+        listening = liveSocket(self, path)
         port = adoptSharedUNIXPort(reactor, listening.fileno(), _Accepted())
         yield port.stopListening()
         self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
