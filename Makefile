@@ -2,8 +2,9 @@
 # works on a fresh Debian 12 machine as root and on one where everything is
 # already installed.
 #
-#   make run     install into .venv and run the proxy in the foreground
-#                with examples/lmtp-proxy.yaml (CONFIG=FILE to change)
+#   make run     install into .venv, start two demo Maildir backends and run
+#                the proxy in the foreground with examples/lmtp-proxy.yaml
+#                (CONFIG=FILE to change)
 #   make test    install into .venv, install the real peers (Postfix, swaks,
 #                Dovecot) when root and missing, run trial
 #   make bench   run bench/run.sh
@@ -49,13 +50,20 @@ $(VENV_STAMP):
 venv: $(VENV_STAMP)
 
 $(INSTALL_STAMP): $(VENV_STAMP) $(SOURCES)
-	$(VBIN)/python -m pip install -q .
+	$(VBIN)/python -m pip install -q '.[tls,metrics,postgresql]'
 	touch $@
 
 install: $(INSTALL_STAMP)
 
+# The demo backends of "make run": a Maildir delivery for each NAME=HOST:PORT,
+# storing under $(DEMO_DIR)/NAME; examples/lmtp-proxy.yaml names them.  They
+# start with any CONFIG, and stop when the proxy does.
+DEMO_DIR ?= demo
+DEMO_BACKENDS ?= old=127.0.0.1:24101 new=127.0.0.1:24102
+
 run: $(INSTALL_STAMP)
-	exec $(VBIN)/twistd -n --pidfile= lmtp-proxy --config $(CONFIG)
+	bash tools/demo.sh $(VBIN)/python $(DEMO_DIR) "$(DEMO_BACKENDS)" \
+	    $(VBIN)/twistd -n --pidfile= lmtp-proxy --config $(CONFIG)
 
 # Installs the third-party peers only when root and one of them is missing;
 # otherwise the peer tests skip (and fail under CI=true).
@@ -66,6 +74,9 @@ peers:
 	    command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
 	done; \
 	[ -e /usr/lib/dovecot/lmtp ] || missing="$$missing dovecot-lmtpd"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -e /usr/lib/cyrus/bin/lmtpd ] || missing="$$missing cyrus-imapd"; \
+	bash tools/install-peers.sh --check >/dev/null 2>&1 || missing="$$missing (TLS/SASL peers)"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
 	    echo "Installing the test peers (missing:$$missing)"; \

@@ -11,13 +11,27 @@ is a FAIL (exit status 1).
     bench/bench.py [--quick] [--no-proxy] [--runs N] [--msgs N]
                    [--msgs-large N] [--sizes 1024,102400] [--sessions 1,10]
                    [--rcpts 1,5] [--conn new,keep] [--workdir DIR]
-                   [--results bench/RESULTS.md]
+                   [--results bench/RESULTS.md] [--identity]
 
 Environment: VENV (default REPO/.venv), QUICK=1, NO_PROXY=1, RUNS, MSGS,
 MSGS_LARGE, BASELINE_VENV and BASELINE_LABEL (our proxy from that venv, e.g.
 an older commit, as the extra target "base": same config, sinks and workers,
 interleaved in every run; the table gains ours/base and the run-to-run noise
-of both).
+of both), METRICS=1 or --metrics (our proxy once more with config.metrics on,
+as the extra target "metrics", interleaved likewise; the table gains
+metrics/ours, the noise of both and the cost per message; with --sizes 1024
+for the 1 KB cells only).
+
+--tls measures instead the cells with TLS on both sides, ours side by side
+with Dovecot's LMTP proxy configured the same way (bench/tlscells.py), into
+the RESULTS.md section "tls".
+
+--identity measures instead the cost of recipient rewriting and XCLIENT:
+the 1 KB cells through two of our proxies side by side, "plain" (plain
+rows, sinks that do not offer XCLIENT) and "rw+xclient" (every recipient
+rewritten by its row, sinks that offer XCLIENT, so a session's first
+transaction on each connection sends one), into the RESULTS.md section
+"identity".
 """
 
 import argparse
@@ -27,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
@@ -47,6 +62,10 @@ def parse_args():
                     default=env.get("NO_PROXY", "") not in ("", "0"),
                     help="skip our proxy (direct and Dovecot only)")
     ap.add_argument("--no-dovecot", action="store_true")
+    ap.add_argument("--metrics", action="store_true",
+                    default=os.environ.get("METRICS") == "1",
+                    help="also measure our proxy with config.metrics on, as "
+                         "the target 'metrics'")
     ap.add_argument("--runs", type=int, default=int(env.get("RUNS", 0)) or None)
     ap.add_argument("--msgs", type=int, default=int(env.get("MSGS", 0)) or None,
                     help="messages per run for sizes <= 10 KB")
@@ -60,6 +79,11 @@ def parse_args():
     ap.add_argument("--workdir")
     ap.add_argument("--keep-workdir", action="store_true")
     ap.add_argument("--results", default=os.path.join(C.HERE, "RESULTS.md"))
+    ap.add_argument("--identity", action="store_true",
+                    help="compare rewriting and XCLIENT on and off (1 KB)")
+    ap.add_argument("--tls", action="store_true",
+                    help="the cells with TLS on both sides, ours side by side "
+                    "with Dovecot's LMTP proxy (needs stunnel4)")
     ap.add_argument("--timeout", type=float, default=600,
                     help="max seconds for one smtp-source run")
     a = ap.parse_args()
@@ -135,6 +159,84 @@ def routing_check(name, port, sinks):
     return problems
 
 
+IDENTITY_USERS = [("bench@bench.test", "sinkA", "bench@rewritten.test")] + [
+    ("%sbench@split.test" % (i if i > 1 else ""), "sinkB" if i % 2 == 0 else "sinkA",
+     "%sbench@rewritten.test" % (i if i > 1 else ""))
+    for i in range(1, 6)]
+
+
+def identity_yaml(port, A, B, rewrite):
+    """Our proxy's config for the identity cells: plain rows, or rows
+    that rewrite every recipient, with XCLIENT allowed from 127.0.0.1."""
+    lines = ["config:", "  socket: [127.0.0.1, %d]" % port, "  pool_size: 8",
+             "  workers: %d" % int(os.environ.get("WORKERS") or os.cpu_count() or 1),
+             "  allowed_xclient: [127.0.0.0/8]",
+             "backends:",
+             "  sinkA: {host: 127.0.0.1, port: %d}" % A.port,
+             "  sinkB: {host: 127.0.0.1, port: %d}" % B.port,
+             "users:"]
+    for key, backend, address in IDENTITY_USERS:
+        if rewrite:
+            lines.append('  "%s": {backend: %s, address: "%s"}' % (key, backend, address))
+        else:
+            lines.append('  "%s": %s' % (key, backend))
+    return "\n".join(lines) + "\n"
+
+
+def identity_main(a, wd):
+    """The --identity comparison; returns the list of failures."""
+    failures = []
+    variants = []
+    for name, rewrite, sinkArgs in (("plain", False, ["-C"]), ("rw+xclient", True, [])):
+        A = C.Sink(wd, "%s-sinkA" % name, extra=sinkArgs)
+        B = C.Sink(wd, "%s-sinkB" % name, extra=sinkArgs)
+        port = C.free_port()
+        proxy = C.OurProxy(wd, yaml_text=identity_yaml(port, A, B, rewrite),
+                           name="proxy-" + name, port=port)
+        variants.append((name, proxy, A, B))
+    rows = []
+    for s in a.sessions:
+        for r in a.rcpts:
+            for conn in a.conn:
+                n = a.msgs
+                to = "bench@bench.test" if r == 1 else "bench@split.test"
+                rates = {name: [] for name, _, _, _ in variants}
+                for run in range(a.runs):
+                    order = variants[run % 2:] + variants[:run % 2]
+                    for name, proxy, A, B in order:
+                        before = {x.name: x.mesg() for x in (A, B)}
+                        want = {A.name: n, B.name: n if r > 1 else 0}
+                        dt, info = smtp_source(proxy.port, n, s, r, 1024, to,
+                                               conn == "keep", a.timeout)
+                        got = C.settle([A, B], {k: before[k] + v for k, v in want.items()})
+                        delta = {k: got[k] - before[k] for k in got}
+                        if dt is None or delta != want:
+                            failures.append("identity %s s=%d r=%d %s: %s %s"
+                                            % (name, s, r, conn, info.splitlines()[0], delta))
+                            continue
+                        rates[name].append(n / dt)
+                        C.log("%-10s 1K s=%d r=%d %s run %d: %7.1f msg/s"
+                              % (name, s, r, conn, run + 1, n / dt))
+                plain, on = med(rates["plain"]), med(rates["rw+xclient"])
+                cost = (1e3 / on - 1e3 / plain) if plain and on else None
+                rows.append("| 1 KB s=%d r=%d %s | %s | %s | %s |" % (
+                    s, r, conn, "%.0f" % plain if plain else "-",
+                    "%.0f" % on if on else "-",
+                    "%+.3f ms" % cost if cost is not None else "-"))
+                print(rows[-1], flush=True)
+    md = "\n".join([
+        "## Recipient rewriting and XCLIENT (identity)", "",
+        "`bench/bench.py --identity`: msg/s, median of %d runs of %d messages; "
+        "\"rw+xclient\" rewrites every recipient and sends XCLIENT to sinks "
+        "that offer it, \"plain\" neither. Cost: the difference in time per "
+        "message (1/rate)." % (a.runs, a.msgs), "",
+        "| cell | plain | rw+xclient | cost per message |",
+        "| --- | --- | --- | --- |"] + rows) + "\n"
+    C.update_section(a.results, "identity", md)
+    print("\n" + md)
+    return failures
+
+
 def main():
     a = parse_args()
     C.install_cleanup()
@@ -147,9 +249,20 @@ def main():
         [os.path.relpath(sys.argv[0], C.REPO)] + sys.argv[1:])
     envdesc = " ".join("%s=%s" % (k, os.environ[k]) for k in
                        ("QUICK", "NO_PROXY", "VENV", "RUNS", "MSGS", "MSGS_LARGE",
-                        "BASELINE_VENV", "BASELINE_LABEL")
+                        "BASELINE_VENV", "BASELINE_LABEL", "METRICS")
                        if k in os.environ)
     failures = []
+    if a.identity or a.tls:
+        if a.tls:
+            import tlscells
+            failures = tlscells.tls_main(a, wd, smtp_source, routing_check, med)
+        else:
+            failures = identity_main(a, wd)
+        C.stop_all()
+        if failures:
+            print("\n*** FAIL: %s" % "\n  ".join(failures), file=sys.stderr)
+            return 1
+        return 0
 
     A = C.Sink(wd, "sinkA")
     B = C.Sink(wd, "sinkB")
@@ -166,6 +279,11 @@ def main():
                 break       # base is only there to be compared with ours
             proxies[tname] = p
             targets.append((tname, p.port))
+        if a.metrics and "ours" in proxies:
+            p = start_metrics_proxy(wd, A, B, failures)
+            if p:
+                proxies["metrics"] = p
+                targets.append(("metrics", p.port))
     proxy = proxies.get("ours")
     if not a.no_dovecot:
         users = {"bench@split.test": A.port}
@@ -277,6 +395,28 @@ def start_proxy(wd, tname, dirname, venv, A, B, failures):
     return p
 
 
+def start_metrics_proxy(wd, A, B, failures):
+    """Our proxy from $VENV with config.metrics on, as target "metrics",
+    or None (a FAIL) if it does not start or does not serve /metrics."""
+    port, http = C.free_port(), C.free_port()
+    text = C.proxy_yaml(port, {"sinkA": A.port, "sinkB": B.port}, C.BENCH_USERS,
+                        extra_config="  metrics: [127.0.0.1, %d]" % http)
+    try:
+        p = C.OurProxy(wd, yaml_text=text, name="metrics", port=port)
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % http,
+                                    timeout=30) as r:
+            if b"lmtp_proxy_config_generation" not in r.read():
+                raise C.Fail("/metrics has no lmtp_proxy_config_generation")
+    except (C.Fail, OSError) as e:
+        C.log("FAIL: metrics proxy did not start:\n%s" % (e,))
+        failures.append("metrics proxy did not start: %s"
+                        % str(e).splitlines()[0])
+        return None
+    C.log("metrics proxy up in %.2f s: pid %d port %d, /metrics on port %d"
+          % (p.startup_s, p.pid, p.port, http))
+    return p
+
+
 def fmt_size(size):
     return "%dKB" % (size // 1024) if size % 1024 == 0 else "%dB" % size
 
@@ -319,14 +459,21 @@ def fmt_pct(x):
     return "-" if x is None else "%.0f%%" % (x * 100)
 
 
-def beyond_noise(res):
-    """Whether ours is slower than base by more than the larger of their
-    spreads (the issue's criterion); '-' when that cannot be told."""
-    q = med_ratio(res, "ours", "base")
-    noise = [spread(res["rates"][t]) for t in ("ours", "base")]
+def beyond_noise(res, a="ours", b="base"):
+    """Whether a is slower than b by more than the larger of their spreads
+    (the issue's criterion); '-' when that cannot be told."""
+    q = med_ratio(res, a, b)
+    noise = [spread(res["rates"][t]) for t in (a, b)]
     if q is None or None in noise:
         return "-"
     return "**SLOWER**" if 1 - q > max(noise) else "no"
+
+
+def cost_us(res, a, b):
+    """Wall time per message that a adds over b, in microseconds, from the
+    medians (negative: a was faster)."""
+    x, y = med(res["rates"].get(a, [])), med(res["rates"].get(b, []))
+    return "-" if not (x and y) else "%+.0f" % ((1 / x - 1 / y) * 1e6)
 
 
 def row_text(res, tnames):
@@ -336,6 +483,12 @@ def row_text(res, tnames):
         cols += [ratio(res, "ours", "base"),
                  fmt_pct(spread(res["rates"]["ours"])),
                  fmt_pct(spread(res["rates"]["base"])), beyond_noise(res)]
+    if "metrics" in tnames:
+        cols += [ratio(res, "metrics", "ours"),
+                 fmt_pct(spread(res["rates"]["metrics"])),
+                 fmt_pct(spread(res["rates"]["ours"])),
+                 beyond_noise(res, "metrics", "ours"),
+                 cost_us(res, "metrics", "ours")]
     if "ours" in tnames:
         cols += [ratio(res, "ours", "dovecot"), ratio(res, "ours", "direct")]
         cols.append(C.mb(res["hwm"]) if res["hwm"] else "-")
@@ -400,9 +553,21 @@ def render(a, results, tnames, cmdline, envdesc, wd, idle_rss, final_hwm,
     if "base" in proxies:
         out += baseline_md(results, proxies, idle_rss, final_hwm)
         out.append("")
+    if "metrics" in proxies:
+        out.append("`metrics` is our proxy once more, from the same venv with "
+                   "the same config plus `metrics: [127.0.0.1, PORT]` (nobody "
+                   "scrapes it during the runs), interleaved with the other "
+                   "targets.  `metrics/ours` = median with metrics / median "
+                   "without; `metrics slower beyond noise`: by more than the "
+                   "larger run-to-run spread; `metrics cost us/msg` = wall time "
+                   "per message added, from the medians.")
+        out.append("")
     head = ["size", "sessions", "rcpts", "conn"] + tnames
     if "base" in tnames:
         head += ["ours/base", "noise ours", "noise base", "slower beyond noise"]
+    if "metrics" in tnames:
+        head += ["metrics/ours", "noise metrics", "noise ours",
+                 "metrics slower beyond noise", "metrics cost us/msg"]
     if "ours" in tnames:
         head += ["ours/dovecot", "ours/direct", "proxy VmHWM so far"]
     out.append("| " + " | ".join(head) + " |")

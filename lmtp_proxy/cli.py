@@ -7,6 +7,7 @@ Two forms::
     lmtp-proxy check  [-c FILE]
     lmtp-proxy route  [-c FILE] ADDRESS...
     lmtp-proxy reload [-c FILE] [--wait] [--timeout SECONDS] [--pidfile FILE]
+    lmtp-proxy status [-c FILE] [--json]
 
 The original form validates the configuration and then runs twistd in this
 process (C{twistd -n --pidfile= lmtp-proxy --config FILE}, or with C{-D}
@@ -20,6 +21,7 @@ for C{route}, an address without a route); 2 a usage error.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -34,6 +36,9 @@ DEFAULT_RELOAD_TIMEOUT = 300
 # Extra seconds the reload client waits for the reply beyond --timeout.
 REPLY_SLACK = 10.0
 MAX_REPLY = 65536
+# A status reply holds every backend of every process.
+MAX_STATUS_REPLY = 16 << 20
+STATUS_TIMEOUT = 30.0
 
 DESCRIPTION = (
     "An LMTP Proxy server. Accepts mail via LMTP on an incoming socket and can "
@@ -42,7 +47,12 @@ DESCRIPTION = (
 EPILOG = (
     "subcommands: 'lmtp-proxy check -c FILE' validates the configuration, "
     "'lmtp-proxy route -c FILE ADDRESS...' shows where recipients go, "
-    "'lmtp-proxy reload -c FILE [--wait]' reloads a running proxy. "
+    "'lmtp-proxy reload -c FILE [--wait]' reloads a running proxy, "
+    "'lmtp-proxy status -c FILE [--json]' shows what it is doing, "
+    "'lmtp-proxy users set|delete|list -c FILE ...' changes the routing table, "
+    "'lmtp-proxy move -c FILE USER --to BACKEND' moves a user, "
+    "'lmtp-proxy barrier -c FILE' and 'lmtp-proxy db init|import|export -c FILE' "
+    "serve the cluster. "
     "Use 'lmtp-proxy SUBCOMMAND --help' for details."
 )
 
@@ -182,12 +192,20 @@ def checkCommand(args: Sequence[str]) -> int:
     parser = _subParser("check", "Validate the configuration file and print a summary.")
     options = parser.parse_args(list(args))
     config = loadConfig(options.config)
+    from lmtp_proxy.config import readableSecrets
+
+    warning = readableSecrets(config)
+    if warning is not None:
+        _err(f"warning: {warning}")
 
     _out(f"{config.source}: configuration OK")
     _out(f"listen: {describeListen(config)}")
     _out(f"backends: {len(config.backends)}")
     counts: dict[str, int] = {}
     for backend in config.users.values():
+        if backend.__class__ is tuple:
+            # A rewritten user: (backend, address).
+            backend = backend[0]
         counts[backend] = counts.get(backend, 0) + 1
     for name in sorted(config.backends):
         backend = config.backends[name]
@@ -195,7 +213,16 @@ def checkCommand(args: Sequence[str]) -> int:
         n = counts.get(name, 0)
         _out(f"  {name}: {backend.describe()}{auth} ({n} user{'' if n == 1 else 's'})")
     perBackend = ", ".join(f"{counts[name]} -> {name}" for name in sorted(counts))
-    _out(f"users: {len(config.users)}" + (f" ({perBackend})" if perBackend else ""))
+    if config.routing_database is not None:
+        # issue 9: the users are the database's (the password never shown).
+        from lmtp_proxy.pgstore import redact
+
+        _out(
+            f"users: in {redact(config.routing_database)}, table {config.routing_table} "
+            f"(node {config.node_name}, lease {config.lease:g} s)"
+        )
+    else:
+        _out(f"users: {len(config.users)}" + (f" ({perBackend})" if perBackend else ""))
     if config.fallback_backend is None:
         _out("fallback_backend: none (unknown recipients are refused with 550 5.1.1)")
     else:
@@ -207,6 +234,12 @@ def checkCommand(args: Sequence[str]) -> int:
         pass
     else:
         _out(f"control socket: {displayAddress(controlAddress(config))}")
+    if isinstance(config.metrics, str):
+        _out(f"metrics: /metrics on unix:{config.metrics}")
+    elif config.metrics is not None:
+        host, port = config.metrics
+        host = f"[{host}]" if ":" in host else host or "*"
+        _out(f"metrics: http://{host}:{port}/metrics")
     return 0
 
 
@@ -222,6 +255,16 @@ def splitAddress(address: str) -> tuple[str, str | None]:
         local, _, domain = text.rpartition("@")
         return local, domain
     return text, None
+
+
+def displayRecipient(address: str) -> str:
+    """
+    C{address} as given on the command line, without angle brackets.
+    """
+    text = address.strip()
+    if text.startswith("<") and text.endswith(">"):
+        return text[1:-1]
+    return text
 
 
 def routeCommand(args: Sequence[str]) -> int:
@@ -246,13 +289,19 @@ def routeCommand(args: Sequence[str]) -> int:
     config = loadConfig(options.config)
     from lmtp_proxy.routing import RoutingTable, describeRoute
 
-    table = RoutingTable.fromConfig(config)
+    if config.routing_database is not None:
+        # issue 9: the table is the database's.
+        from lmtp_proxy.routecli import databaseTable
+
+        table = databaseTable(config)
+    else:
+        table = RoutingTable.fromConfig(config)
     status = 0
     for address, local, domain in parsed:
         route = table.lookup(local, domain)
         if route is None:
             status = 1
-        _out(f"{address}\t{describeRoute(route)}")
+        _out(f"{address}\t{describeRoute(route, displayRecipient(address))}")
     return status
 
 
@@ -262,10 +311,11 @@ class ControlUnreachable(Exception):
     """
 
 
-def controlRequest(address: str, request: str, timeout: float) -> str:
+def controlRequest(address: str, request: str, timeout: float, limit: int = MAX_REPLY) -> str:
     """
     Send one request line to the control socket at C{address} and return
-    the reply line (without its line end).
+    the reply line (without its line end), reading at most about C{limit}
+    bytes.
 
     @raise ControlUnreachable: the socket cannot be connected to.
     @raise CommandError: no (complete) reply arrived within C{timeout}.
@@ -281,7 +331,7 @@ def controlRequest(address: str, request: str, timeout: float) -> str:
         try:
             sock.sendall(request.encode("utf-8"))
             data = b""
-            while b"\n" not in data and len(data) < MAX_REPLY:
+            while b"\n" not in data and len(data) < limit:
                 chunk = sock.recv(4096)
                 if not chunk:
                     break
@@ -402,11 +452,66 @@ def reloadCommand(args: Sequence[str]) -> int:
     raise CommandError(f"unexpected reply from the control socket {shown}: {reply!r}")
 
 
+def statusCommand(args: Sequence[str]) -> int:
+    """
+    C{lmtp-proxy status}: ask the running proxy, through its control
+    socket, what it is doing, and print it for humans or, with C{--json},
+    as JSON (the dict of L{lmtp_proxy.status.combine}).
+    """
+    parser = _subParser(
+        "status",
+        "Show what the running lmtp-proxy is doing: generation, transactions in "
+        "flight by generation and backend, sessions, and per backend its address, "
+        "state, pooled and busy connections and last failure, for every process.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    options = parser.parse_args(list(args))
+    config = loadConfig(options.config)
+
+    from lmtp_proxy.control import controlAddress
+    from lmtp_proxy.status import formatStatus
+
+    address = controlAddress(config)
+    shown = displayAddress(address)
+    try:
+        reply = controlRequest(address, "status-json\n", STATUS_TIMEOUT, MAX_STATUS_REPLY)
+    except ControlUnreachable as e:
+        raise CommandError(
+            f"cannot reach the control socket {shown} ({e}): "
+            f"is lmtp-proxy running with {config.source}?"
+        ) from None
+    word, _, rest = reply.partition(" ")
+    if word != "ok":
+        raise CommandError(f"unexpected reply from the control socket {shown}: {reply[:200]!r}")
+    status = json.loads(rest)
+    if options.json:
+        _out(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        for line in formatStatus(status):
+            _out(line)
+    return 0
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "check": checkCommand,
     "route": routeCommand,
     "reload": reloadCommand,
+    "status": statusCommand,
 }
+
+
+def _routingCommand(name: str) -> Callable[[Sequence[str]], int]:
+    # issue 9's subcommands live in lmtp_proxy.routecli, imported when used.
+    def run(args: Sequence[str]) -> int:
+        from lmtp_proxy.routecli import SUBCOMMANDS as routing
+
+        return routing[name](args)
+
+    return run
+
+
+for _name in ("db", "users", "barrier", "move"):
+    SUBCOMMANDS[_name] = _routingCommand(_name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -434,4 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # "python -m lmtp_proxy.cli": run the imported module's main, whose
+    # CommandError is the one the other modules raise (not __main__'s).
+    from lmtp_proxy.cli import main as _main
+
+    sys.exit(_main())

@@ -21,12 +21,18 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     UNIXClientEndpoint,
 )
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener, ITCPTransport
 from twisted.internet.error import ConnectionDone
+from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import implementer
+
+from lmtp_proxy.config import ConfigError
 
 from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.reply import Reply, reply
+from lmtp_proxy.tls import clientOptionsFor, describeFailure, describeSession
 
 class BackendError(Exception):
     """
@@ -82,6 +88,17 @@ class BackendProtocolError(BackendError):
     summary = "backend protocol error"
 
 
+class BackendTLSFailed(BackendError):
+    """
+    TLS with the backend could not be set up: its certificate was refused,
+    the handshake failed, or it does not offer STARTTLS. Nothing is sent to
+    it in clear instead.
+    """
+
+    enhanced = "4.4.2"
+    summary = "backend TLS failed"
+
+
 class BackendAuthFailed(BackendError):
     """
     The backend refused our credentials.
@@ -99,12 +116,21 @@ class _Waiter:
         self.timeout = timeout
 
 
+@implementer(IHandshakeListener)
 class LMTPClient(LineOnlyReceiver):
     """
     One connection to an LMTP backend.
 
     @ivar extensions: the LHLO keywords (upper case) and their parameters.
+    @ivar name: the backend's name, for the log.
+    @ivar tls: whether the connection is under TLS (or its handshake).
     """
+
+    log = Logger()
+    name = "backend"
+    tls = False
+    _answeredUnderTLS = False
+    _discardClear = False
 
     delimiter = b"\r\n"
     MAX_LENGTH = 16384
@@ -112,8 +138,13 @@ class LMTPClient(LineOnlyReceiver):
     # them without end must not hold a recipient forever.
     MAX_REPLY_LINES = 100
 
-    def __init__(self, clock, commandTimeout, outbox=None):
+    def __init__(self, clock, commandTimeout, outbox=None, greetingDeadline=None):
+        """
+        @param greetingDeadline: when (on C{clock}) the greeting must have
+            come, or C{None} for a command timeout after the connection.
+        """
         self._clock = clock
+        self._greetingDeadline = greetingDeadline
         self._outbox = Outbox() if outbox is None else outbox
         self._commandTimeout = commandTimeout
         self._waiters = deque()
@@ -126,6 +157,10 @@ class LMTPClient(LineOnlyReceiver):
         self.pipelining = False
         self.greeting = None
         self._greetingWaiter = None
+        self.hostname = None
+        # The client identity (an lmtp_proxy.clientid.ClientIdentity) this
+        # connection last sent XCLIENT for.
+        self.xclientFor = None
 
     # IProtocol
 
@@ -138,14 +173,34 @@ class LMTPClient(LineOnlyReceiver):
             # Nagle would hold back each one behind the previous segment's
             # ACK.
             self.transport.setTcpNoDelay(True)
-        self._greetingWaiter = self._expect(self._commandTimeout)
+        timeout = self._commandTimeout
+        if self._greetingDeadline is not None:
+            timeout = max(0.0, self._greetingDeadline - self._clock.seconds())
+        self._greetingWaiter = self._expect(timeout)
         self.greeting = self._greetingWaiter.deferred
 
     def connectionLost(self, reason=ConnectionDone):
         """
         Fail every reply still awaited.
         """
-        self._fail(BackendLost(reason.getErrorMessage()))
+        if self.tls and not self._answeredUnderTLS:
+            # Under TLS 1.3 the server refuses a client certificate only
+            # after the client saw its handshake complete: until the
+            # backend said something under TLS, a loss is TLS's failure.
+            self._fail(BackendTLSFailed(describeFailure(reason.value)))
+        else:
+            self._fail(BackendLost(reason.getErrorMessage()))
+
+    def handshakeCompleted(self):
+        """
+        See L{IHandshakeListener.handshakeCompleted}: log the connection's
+        TLS version and cipher, once.
+        """
+        self.log.info(
+            "backend {name}: TLS {session}",
+            name=self.name,
+            session=describeSession(self.transport),
+        )
 
     def dataReceived(self, data):
         """
@@ -156,6 +211,11 @@ class LMTPClient(LineOnlyReceiver):
         try:
             LineOnlyReceiver.dataReceived(self, data)
         finally:
+            if self._discardClear:
+                # What came in clear after the 220 to STARTTLS is not the
+                # backend's (RFC 3207 4.2); the next bytes are TLS.
+                self._discardClear = False
+                self._buffer = b""
             self._outbox.release()
 
     def sendLine(self, line):
@@ -168,6 +228,10 @@ class LMTPClient(LineOnlyReceiver):
         """
         Parse one reply line; hand a complete reply to the oldest waiter.
         """
+        if self._discardClear:
+            return
+        if self.tls:
+            self._answeredUnderTLS = True
         if not self._waiters:
             return self._fail(BackendProtocolError("unexpected reply"))
         text = line.decode("utf-8", "replace")
@@ -263,26 +327,75 @@ class LMTPClient(LineOnlyReceiver):
         self._fail(BackendLost("aborted"))
 
     @defer.inlineCallbacks
-    def handshake(self, hostname, user=None, password=None):
+    def handshake(self, hostname, user=None, password=None, starttls=None):
         """
-        Wait for the greeting, send LHLO and authenticate if credentials are
-        configured.
+        Wait for the greeting, send LHLO, start TLS if C{starttls} (the
+        options of L{lmtp_proxy.tls.clientOptions}) is given, and
+        authenticate if credentials are configured.
 
         @return: a L{Deferred} firing with this client.
         """
         greeting = yield self.greeting
         if greeting.code != 220:
             raise BackendUnavailable("greeting %d" % (greeting.code,))
-        lhlo = yield self.command(b"LHLO " + hostname.encode("ascii", "replace"))
-        if not lhlo.positive:
-            raise BackendProtocolError("LHLO refused with %d" % (lhlo.code,))
-        self.extensions = _parseExtensions(lhlo.lines[1:])
-        self.pipelining = "PIPELINING" in self.extensions
+        self.hostname = hostname.encode("ascii", "replace")
+        yield self._lhlo()
+        if starttls is not None:
+            yield self._startTLS(starttls)
         if user is not None:
             yield self._authenticate(user, password)
         return self
 
+    def xclient(self, identity, command):
+        """
+        Tell the backend who the original client is (Postfix's XCLIENT,
+        which Dovecot also speaks), between transactions.
+
+        A backend that takes it answers with a new 220 greeting and forgets
+        the LHLO (Postfix's protocol, and Dovecot's), so LHLO follows. With
+        PIPELINING the LHLO goes out right behind the XCLIENT, and the
+        caller may pipeline MAIL behind both: no round trip is spent (a
+        backend that refused the XCLIENT just sees LHLO again). A refusal
+        leaves the connection as it was: the mail is delivered all the
+        same, the backend just logs the proxy as its client.
+
+        @param identity: the L{lmtp_proxy.clientid.ClientIdentity} sent.
+        @param command: the XCLIENT line for this backend.
+        @return: a L{Deferred} firing when both are answered.
+        """
+        self.xclientFor = identity
+        sent = self.command(command)
+        if self.pipelining:
+            lhlo = self._lhlo()
+            return sent.addCallback(lambda result: lhlo)
+        return sent.addCallback(lambda result: self._lhlo() if result.code == 220 else None)
+
     # internals
+
+    @defer.inlineCallbacks
+    def _startTLS(self, options):
+        """
+        RFC 3207: STARTTLS, the handshake, and LHLO again under TLS. A
+        backend that does not offer it gets nothing more: never a fallback
+        to clear text.
+        """
+        if "STARTTLS" not in self.extensions:
+            raise BackendTLSFailed("STARTTLS not offered")
+        result = yield self.command(b"STARTTLS")
+        if result.code != 220:
+            raise BackendTLSFailed("STARTTLS answered %d" % (result.code,))
+        self.tls = True
+        self._discardClear = True
+        self.transport.startTLS(options)
+        yield self._lhlo()
+
+    @defer.inlineCallbacks
+    def _lhlo(self):
+        lhlo = yield self.command(b"LHLO " + self.hostname)
+        if not lhlo.positive:
+            raise BackendProtocolError("LHLO refused with %d" % (lhlo.code,))
+        self.extensions = _parseExtensions(lhlo.lines[1:])
+        self.pipelining = "PIPELINING" in self.extensions
 
     @defer.inlineCallbacks
     def _authenticate(self, user, password):
@@ -340,6 +453,9 @@ class LMTPClient(LineOnlyReceiver):
 
     def _timedOut(self):
         self._timer = None
+        if self._waiters and self._waiters[0] is self._greetingWaiter:
+            self._fail(BackendTimeout("no greeting within connect_timeout"))
+            return
         self._fail(BackendTimeout("no reply in time"))
 
     def _fail(self, error):
@@ -393,7 +509,23 @@ def connectBackend(
         endpoint = HostnameEndpoint(
             reactor, backend.host, backend.port, timeout=connectTimeout
         )
-    client = LMTPClient(reactor, commandTimeout, outbox)
+    # README's promise: connect_timeout covers the connection and the
+    # greeting; a backend that accepts but never greets is a dead one.
+    starttls = None
+    if backend.tls != "none":
+        try:
+            options = clientOptionsFor(backend)
+        except ConfigError as e:
+            return defer.fail(BackendTLSFailed(str(e)))
+        if backend.tls == "implicit":
+            endpoint = wrapClientTLS(options, endpoint)
+        else:
+            starttls = options
+    client = LMTPClient(
+        reactor, commandTimeout, outbox, reactor.seconds() + connectTimeout
+    )
+    client.name = backend.name
+    client.tls = backend.tls == "implicit"
     factory = protocol.Factory.forProtocol(lambda: client)
     # One connection per transaction would log two lines each otherwise.
     factory.noisy = False
@@ -408,7 +540,7 @@ def connectBackend(
         raise BackendUnavailable(failure.getErrorMessage())
 
     connecting.addCallbacks(
-        lambda _: client.handshake(hostname, backend.user, backend.password),
+        lambda _: client.handshake(hostname, backend.user, backend.password, starttls),
     )
     connecting.addErrback(connectFailed)
     return connecting

@@ -9,7 +9,9 @@ one line: C{"<file>, line N: <key path>: <problem>"}.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
+import os.path
 import re
 import socket as _socket
 from dataclasses import dataclass, field
@@ -83,6 +85,17 @@ class Backend:
     port: int | None = None
     user: str | None = None
     password: str | None = field(default=None, repr=False)
+    # "tempfail": a 5.1.x "no such user" at RCPT becomes 450 4.1.1, for a
+    # user whose row is a moment out of date during a move.
+    unknown_user: str = "pass"
+    # TLS to the backend: "none", "starttls" or "implicit".
+    tls: str = "none"
+    verify: bool = True
+    server_name: str | None = None
+    ca_file: str | None = None
+    client_certificate: str | None = None
+    client_key: str | None = None
+    allow_plaintext_auth: bool = False
 
     def describe(self) -> str:
         """
@@ -125,8 +138,35 @@ class Config:
     pool_size: int = 4
     pool_idle_timeout: float = 60.0
     workers: int = 1
+    allowed_xclient: tuple[str, ...] = ()
+    max_received: int = 50
+    add_received_header: bool = False
+    backend_failures: int = 3
+    backend_retry: float = 10.0
+    metrics: str | tuple[str, int] | None = None
+    # issue 9: the PostgreSQL routing source and this proxy as a cluster node
+    node_name: str = field(default_factory=_socket.gethostname)
+    lease: float = 10.0
+    routing_database: str | None = field(default=None, repr=False)
+    routing_table: str = "lmtp_routes"
+    routing_password_file: str | None = None
+    # The listener's TLS, access control and SASL; the nested YAML keys
+    # (tls.certificate, auth.users_file...) are flattened so that the
+    # configuration stays plain data.
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+    tls_implicit: bool = False
+    require_tls: bool = False
+    allowed_clients: tuple[str, ...] | None = None
+    proxy_protocol: bool = False
+    auth_users_file: str | None = None
+    auth_required: bool = False
     backends: Mapping[str, Backend] = field(default_factory=lambda: MappingProxyType({}))
-    users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    # A value is a backend name, or a (backend, address) pair for a
+    # recipient rewritten for its backend.
+    users: Mapping[str, str | tuple[str, str]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False
+    )
 
 
 # --- helpers -------------------------------------------------------------------
@@ -288,11 +328,21 @@ class _Parser:
         top = self.known(
             self.mapping(root, None, "a mapping with a 'config' section"),
             None,
-            ("config", "backends", "users"),
+            ("config", "backends", "users", "routing"),
         )
         if "config" not in top:
             raise self.error(root, "config", "missing required section")
         settings = self.config(top["config"][1])
+        self.checkSecurity(top["config"][1], settings)
+        if "routing" in top:
+            settings.update(self.routing(top["routing"][1]))
+            if settings.get("routing_database") is not None and "users" in top:
+                raise self.error(
+                    top["users"][0], "users",
+                    "must be absent when routing.database is set: the database is "
+                    "the one source of truth for users (load a users file into it "
+                    "with 'lmtp-proxy db import')",
+                )
 
         backends: dict[str, Backend] = {}
         if "backends" in top:
@@ -308,6 +358,17 @@ class _Parser:
             raise self.error(
                 fnode, "config.fallback_backend", self.unknownBackend(fallback, backends)
             )
+        listen = settings["socket"]
+        for name, backend in backends.items():
+            if isOwnListener(backend, listen):
+                bnode = next(
+                    v for k, v in top["backends"][1].value if k.value == name
+                )
+                raise self.error(
+                    bnode, f"backends.{name}",
+                    f"{backend.describe()} is this proxy's own listener (config.socket): "
+                    "mail sent there would loop",
+                )
 
         return Config(
             source=self.source,
@@ -326,7 +387,9 @@ class _Parser:
 
         for key, (knode, vnode) in keys.items():
             p = f"config.{key}"
-            if key == "socket":
+            if key in _SECURITY_KEYS:
+                self.security(key, vnode, p, out)
+            elif key == "socket":
                 out["socket"] = self.listenSocket(vnode, p)
             elif key in ("owner", "group"):
                 out[key] = self.owner(vnode, p)
@@ -377,11 +440,129 @@ class _Parser:
                 value = self.integer(vnode, p, minimum=MIN_LINE_LENGTH)
                 if value is not None:
                     out[key] = value
-            elif key == "workers":
+            elif key in ("workers", "max_received", "backend_failures"):
                 value = self.integer(vnode, p, minimum=1)
                 if value is not None:
                     out[key] = value
+            elif key == "backend_retry":
+                value = self.number(vnode, p)
+                if value is not None:
+                    out[key] = value
+            elif key == "add_received_header":
+                value = self.scalar(vnode, p)
+                if value is not None:
+                    if not isinstance(value, bool):
+                        raise self.error(vnode, p, f"must be true or false, not {_kind(vnode)}")
+                    out[key] = value
+            elif key == "allowed_xclient":
+                out[key] = self.allowedXclient(vnode, p)
+            elif key == "metrics":
+                if not (isinstance(vnode, ScalarNode) and vnode.tag == _NULL):
+                    out[key] = self.listenSocket(vnode, p)
+            elif key == "node_name":
+                value = self.string(vnode, p)
+                if value is not None:
+                    if not _NODE_NAME.match(value):
+                        raise self.error(vnode, p, f"must be a name of letters, digits, '.', '_' or '-', not {value!r}")
+                    out[key] = value
+            elif key == "lease":
+                value = self.number(vnode, p)
+                if value is not None:
+                    if value < 1:
+                        # Heartbeats go out every lease/4 s, at most every 0.2 s.
+                        raise self.error(vnode, p, f"must be at least 1 second, not {_text(vnode)}")
+                    out[key] = value
         return out
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        value = self.scalar(node, path)
+        if value is not None and not isinstance(value, bool):
+            raise self.error(node, path, f"must be true or false, not {_kind(node)}")
+        return value
+
+    def security(self, key: str, node: Node, path: str, out: dict[str, Any]) -> None:
+        """
+        The listener's C{tls}, C{require_tls}, C{allowed_clients},
+        C{proxy_protocol} and C{auth} settings, into C{out}'s flat keys.
+        """
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            return
+        if key in ("require_tls", "proxy_protocol"):
+            value = self.boolean(node, path)
+            if value is not None:
+                out[key] = value
+        elif key == "allowed_clients":
+            out[key] = self.networks(node, path)
+        elif key == "tls":
+            keys = self.known(self.mapping(node, path), path, ("certificate", "key", "implicit"))
+            for need in ("certificate", "key"):
+                if need not in keys or self.string(keys[need][1], f"{path}.{need}") is None:
+                    raise self.error(node, f"{path}.{need}", "missing; TLS needs a certificate and its key")
+            out["tls_certificate"] = self.string(keys["certificate"][1], f"{path}.certificate")
+            out["tls_key"] = self.string(keys["key"][1], f"{path}.key")
+            if "implicit" in keys:
+                out["tls_implicit"] = bool(self.boolean(keys["implicit"][1], f"{path}.implicit"))
+        elif key == "auth":
+            keys = self.known(self.mapping(node, path), path, ("users_file", "required"))
+            if "users_file" not in keys:
+                raise self.error(node, f"{path}.users_file", "missing; SASL needs a users file")
+            out["auth_users_file"] = self.string(keys["users_file"][1], f"{path}.users_file")
+            if "required" in keys:
+                out["auth_required"] = bool(self.boolean(keys["required"][1], f"{path}.required"))
+
+    def checkSecurity(self, node: MappingNode, out: dict[str, Any]) -> None:
+        """
+        What the listener's security settings need of each other.
+        """
+        if out.get("tls_certificate") is not None:
+            return
+        keys = {k.value: k for k, _ in node.value}
+        if out.get("auth_users_file") is not None:
+            raise self.error(keys["auth"], "config.auth", "SASL is offered only after TLS: config.tls is needed")
+        if out.get("require_tls"):
+            raise self.error(keys["require_tls"], "config.require_tls", "needs config.tls")
+
+    def networks(self, node: Node, path: str) -> tuple[str, ...]:
+        """
+        A list of networks (CIDR, or a single address), kept as normalized
+        text.
+        """
+        if not isinstance(node, SequenceNode):
+            raise self.error(node, path, "must be a list of networks such as [127.0.0.0/8, '::1']")
+        out = []
+        for i, item in enumerate(node.value):
+            p = f"{path}[{i}]"
+            value = self.string(item, p)
+            try:
+                out.append(str(ipaddress.ip_network(value or "", strict=False)))
+            except ValueError:
+                raise self.error(item, p, f"must be a network such as 192.0.2.0/24, not {_kind(item)}") from None
+        return tuple(out)
+
+    def allowedXclient(self, node: Node, path: str) -> tuple[str, ...]:
+        """
+        A list of networks (CIDR, or a single address) and C{unix}, kept as
+        normalized text so the configuration stays plain data.
+        """
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            return ()
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        out = []
+        for i, item in enumerate(items):
+            p = f"{path}[{i}]" if isinstance(node, SequenceNode) else path
+            value = self.string(item, p)
+            if value is None:
+                raise self.error(item, p, "must be a network such as 10.0.0.0/8, or 'unix'")
+            if value.lower() == "unix":
+                out.append("unix")
+                continue
+            try:
+                out.append(str(ipaddress.ip_network(value, strict=False)))
+            except ValueError:
+                raise self.error(
+                    item, p, f"must be a network such as 10.0.0.0/8, or 'unix', not {value!r}"
+                ) from None
+        return tuple(out)
 
     def listenSocket(self, node: Node, path: str) -> str | tuple[str, int]:
         if isinstance(node, SequenceNode):
@@ -428,6 +609,27 @@ class _Parser:
         for key, (_, vnode) in keys.items():
             if key == "port":
                 values["port"] = self.port(vnode, f"{path}.port")
+            elif key in ("verify", "allow_plaintext_auth"):
+                value = self.boolean(vnode, f"{path}.{key}")
+                if value is not None:
+                    values[key] = value
+            elif key == "tls":
+                value = self.string(vnode, f"{path}.tls")
+                if value not in (None, "none", "starttls", "implicit"):
+                    raise self.error(
+                        vnode, f"{path}.tls", f"must be none, starttls or implicit, not {_kind(vnode)}"
+                    )
+                if value is not None:
+                    values[key] = value
+            elif key == "unknown_user":
+                value = self.string(vnode, f"{path}.unknown_user")
+                if value not in (None, "pass", "tempfail"):
+                    raise self.error(
+                        vnode, f"{path}.unknown_user",
+                        f"must be 'pass' or 'tempfail', not {value!r}",
+                    )
+                if value is not None:
+                    values[key] = value
             else:
                 values[key] = self.string(vnode, f"{path}.{key}")
         if values.get("socket") is None:
@@ -437,6 +639,9 @@ class _Parser:
                     raise self.error(where, f"{path}.{need}", "missing; a backend needs 'socket' or both 'host' and 'port'")
         if (values.get("user") is None) != (values.get("password") is None):
             have, missing = ("user", "password") if values.get("user") is not None else ("password", "user")
+            raise self.error(keys[have][0], f"{path}.{missing}", f"missing; '{have}' is set, so '{missing}' is needed too")
+        if (values.get("client_certificate") is None) != (values.get("client_key") is None):
+            have, missing = ("client_certificate", "client_key") if values.get("client_certificate") is not None else ("client_key", "client_certificate")
             raise self.error(keys[have][0], f"{path}.{missing}", f"missing; '{have}' is set, so '{missing}' is needed too")
         return Backend(name=name, **values)
 
@@ -455,20 +660,81 @@ class _Parser:
             path = f"users.{raw}"
             if _BAD_USER_KEY.search(key) or not key.isprintable():
                 raise self.error(knode, path, "not a valid user key; use 'user@domain', 'localpart' or '@domain'")
-            if not isinstance(vnode, ScalarNode) or vnode.tag == _NULL:
-                raise self.error(vnode, path, f"must name a backend (or {REJECT!r}), not {_kind(vnode)}")
-            backend = vnode.value
-            if backend not in valid:
-                raise self.error(vnode, path, self.unknownBackend(backend, backends))
+            if isinstance(vnode, MappingNode):
+                value = self.rewrite(vnode, path, backends, valid)
+            else:
+                if not isinstance(vnode, ScalarNode) or vnode.tag == _NULL:
+                    raise self.error(vnode, path, f"must name a backend (or {REJECT!r}), not {_kind(vnode)}")
+                value = vnode.value
+                if value not in valid:
+                    raise self.error(vnode, path, self.unknownBackend(value, backends))
             previous = out.get(key)
-            if previous is not None and previous != backend:
+            if previous is not None and previous != value:
                 first = next(k for k, _ in node.value if k.value.lower() == key)
                 raise self.error(
                     knode, path,
-                    f"maps to {backend!r} but {first.value!r} (line {_line(first)}) maps to {previous!r}; "
+                    f"maps to {value!r} but {first.value!r} (line {_line(first)}) maps to {previous!r}; "
                     "user keys are case-insensitive",
                 )
-            out[key] = backend
+            out[key] = value
+        return out
+
+    def rewrite(self, node: MappingNode, path: str, backends, valid) -> tuple[str, str]:
+        """
+        A C{users} value C{{backend: X, address: Y}}: the recipient goes to
+        C{X} as C{Y}.
+        """
+        keys = self.known(node, path, ("backend", "address"))
+        for need in ("backend", "address"):
+            if need not in keys:
+                raise self.error(node, f"{path}.{need}", "missing; a rewritten user needs 'backend' and 'address'")
+        bnode, anode = keys["backend"][1], keys["address"][1]
+        backend = self.string(bnode, f"{path}.backend")
+        if backend not in valid:
+            raise self.error(bnode, f"{path}.backend", self.unknownBackend(str(backend), backends))
+        if backend == REJECT:
+            raise self.error(bnode, f"{path}.backend", f"{REJECT!r} delivers nowhere: an address makes no sense with it")
+        address = self.string(anode, f"{path}.address")
+        if (
+            address is None
+            or _BAD_USER_KEY.search(address)
+            or address.startswith("@")
+            or "<" in address
+            or ">" in address
+            or not address.isprintable()
+        ):
+            raise self.error(anode, f"{path}.address", f"must be an address such as user@example.com, not {_kind(anode)}")
+        return (backend, address)
+
+    def routing(self, node: Node) -> dict[str, Any]:
+        """
+        The C{routing} section (issue 9): where the routing table lives when
+        it is not the C{users} mapping. The database URI is never put in an
+        error message: it may hold a password.
+        """
+        path = "routing"
+        if isinstance(node, ScalarNode) and node.tag == _NULL:
+            return {}
+        node = self.mapping(node, path)
+        keys = self.known(node, path, _ROUTING_KEYS)
+        out: dict[str, Any] = {}
+        for key, (knode, vnode) in keys.items():
+            p = f"routing.{key}"
+            if not isinstance(vnode, ScalarNode) or vnode.tag == _NULL or not vnode.value:
+                raise self.error(vnode, p, "must be a non-empty string")
+            value = vnode.value
+            if key == "database":
+                if not value.startswith(("postgresql://", "postgres://")):
+                    raise self.error(vnode, p, "must be a libpq URI beginning with 'postgresql://'")
+                out["routing_database"] = value
+            elif key == "table":
+                if not _TABLE_NAME.match(value):
+                    raise self.error(vnode, p, f"must be a lower-case SQL name (letters, digits, '_'; at most 40), not {value!r}")
+                out["routing_table"] = value
+            else:
+                out["routing_password_file"] = value
+        if out and "routing_database" not in out:
+            raise self.error(node, "routing.database", "missing required key (a libpq URI)")
         return out
 
     @staticmethod
@@ -490,6 +756,7 @@ _TIMEOUT_KEYS = (
     "shutdown_grace",
     "pool_idle_timeout",
 )
+_SECURITY_KEYS = ("tls", "require_tls", "allowed_clients", "proxy_protocol", "auth")
 _CONFIG_KEYS = (
     "socket",
     "owner",
@@ -501,13 +768,64 @@ _CONFIG_KEYS = (
     "recipient_delimiter",
     "hostname",
     *_TIMEOUT_KEYS,
+    *_SECURITY_KEYS,
+    "node_name",
+    "lease",
     "max_message_size",
     "max_line_length",
     "control_socket",
     "pool_size",
     "workers",
+    "metrics",
+    "allowed_xclient",
+    "max_received",
+    "add_received_header",
+    "backend_failures",
+    "backend_retry",
 )
-_BACKEND_KEYS = ("socket", "host", "port", "user", "password")
+_ROUTING_KEYS = ("database", "table", "password_file")
+_NODE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+_TABLE_NAME = re.compile(r"\A[a-z_][a-z0-9_]{0,39}\Z")
+_BACKEND_KEYS = (
+    "socket", "host", "port", "user", "password", "unknown_user",
+    "tls", "verify", "server_name", "ca_file", "client_certificate", "client_key",
+    "allow_plaintext_auth",
+)
+
+
+def _localHost(host: str) -> bool:
+    """
+    Whether C{host} certainly names this machine: a loopback address or
+    C{localhost}.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def isOwnListener(backend: Backend, listen: str | tuple[str, int]) -> bool:
+    """
+    Whether C{backend} is the proxy's own listening socket C{listen}
+    (C{config.socket}): the same unix socket path, or the same port on the
+    listening address or, for a wildcard or loopback listener, on a
+    loopback address it also serves.
+    """
+    if isinstance(listen, str):
+        return backend.socket is not None and os.path.realpath(
+            backend.socket
+        ) == os.path.realpath(listen)
+    if backend.socket is not None or backend.port != listen[1]:
+        return False
+    host, backendHost = listen[0].lower(), (backend.host or "").lower()
+    if host == backendHost:
+        return True
+    if host in ("", "0.0.0.0", "::"):
+        return _localHost(backendHost) or backendHost in ("0.0.0.0", "::")
+    # "localhost" is a loopback address by another name.
+    return "localhost" in (host, backendHost) and _localHost(host) and _localHost(backendHost)
 
 
 # --- public API ----------------------------------------------------------------
@@ -535,11 +853,66 @@ def load(path: str) -> Config:
         raise ConfigError(str(path), None, None, f"not valid UTF-8 text: {e.reason} at byte {e.start}") from None
     except OSError as e:
         raise ConfigError(str(path), None, None, f"cannot read the file: {e.strerror or e}") from None
-    return parse(text, str(path))
+    loaded = parse(text, str(path))
+    for backend in loaded.backends.values():
+        if (
+            backend.password is not None
+            and backend.socket is None
+            and backend.tls == "none"
+            and not backend.allow_plaintext_auth
+        ):
+            # Refused when the file is loaded (start, check, reload) rather
+            # than parsed, so that tests and tools can still parse one.
+            raise ConfigError(
+                str(path), None, f"backends.{backend.name}",
+                "credentials would cross the network in clear: set 'tls' "
+                "(starttls or implicit), or 'allow_plaintext_auth: true'",
+            )
+    if usesSecurityFiles(loaded):
+        # Certificates, keys and the SASL users file are checked whenever
+        # the file is loaded (start, check, reload), so a broken one is
+        # refused like any other mistake; imported here because it needs
+        # the optional TLS libraries.
+        from lmtp_proxy.tls import checkFiles
+
+        checkFiles(loaded)
+    return loaded
+
+
+def usesSecurityFiles(config: Config) -> bool:
+    """
+    Whether C{config} names certificates, keys or a SASL users file.
+    """
+    return config.tls_certificate is not None or any(
+        b.tls != "none" for b in config.backends.values()
+    )
+
+
+def readableSecrets(config: Config) -> str | None:
+    """
+    A one-line warning when the file of C{config} holds a password and
+    users other than its owner may read it, else C{None}.
+    """
+    if not any(b.password for b in config.backends.values()):
+        return None
+    try:
+        mode = os.stat(config.source).st_mode
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    return (
+        f"{config.source} holds backend passwords and is readable by "
+        f"{'everyone' if mode & 0o004 else 'its group'} (mode {mode & 0o777:04o}); "
+        "chmod 600 it"
+    )
 
 
 # Settings a running proxy cannot change: they take effect on a restart.
-RESTART_KEYS = ("socket", "owner", "group", "permissions", "workers")
+RESTART_KEYS = (
+    "socket", "owner", "group", "permissions", "workers", "metrics",
+    "node_name", "routing_database", "routing_table", "routing_password_file",
+)
 _OTHER = tuple(
     n for n in Config.__dataclass_fields__ if n not in (*RESTART_KEYS, "source", "backends", "users")
 )

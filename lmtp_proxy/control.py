@@ -10,6 +10,7 @@ L{ControlSocket} is the proxy's child service that listens on it.
 """
 
 import hashlib
+import json
 import os
 import socket
 import struct
@@ -72,6 +73,11 @@ class ControlProtocol(LineOnlyReceiver):
                 "ok generation=%d transactions=%d"
                 % (state.generation, state.transactions)
             )
+        elif words == ["status-json"]:
+            self.factory.status().addCallbacks(
+                lambda status: self._answer("ok " + json.dumps(status, sort_keys=True)),
+                self._failed,
+            )
         elif words == ["reload"]:
             reloader.reload().addCallbacks(self._reloaded, self._failed)
         elif len(words) == 2 and words[0] == "reload-wait" and _isNumber(words[1]):
@@ -118,13 +124,19 @@ def _isNumber(text):
 class ControlFactory(protocol.Factory):
     """
     Builds L{ControlProtocol}s that ask C{reloader} (the proxy's
-    L{lmtp_proxy.service.Reloader}) to reload and wait.
+    L{lmtp_proxy.service.Reloader}) to reload and wait, and C{status} for
+    the proxy's status.
     """
 
     protocol = ControlProtocol
 
-    def __init__(self, reloader):
+    def __init__(self, reloader, status):
+        """
+        @param status: returns a L{Deferred} firing with a JSON-ready dict
+            (L{lmtp_proxy.service.ProxyService.status}).
+        """
         self.reloader = reloader
+        self.status = status
 
 
 class ControlSocket(service.Service):
@@ -138,14 +150,15 @@ class ControlSocket(service.Service):
     log = Logger()
     port = None
 
-    def __init__(self, reactor, address, reloader):
+    def __init__(self, reactor, address, reloader, status):
         """
         @param address: the socket, from L{controlAddress}.
-        @param reloader: what the requests reach, as for L{ControlFactory}.
+        @param reloader: what the requests reach, with C{status}, as for
+            L{ControlFactory}.
         """
         self._reactor = reactor
         self.address = address
-        self._factory = ControlFactory(reloader)
+        self._factory = ControlFactory(reloader, status)
 
     def privilegedStartService(self):
         """

@@ -16,9 +16,11 @@ from twisted.mail import smtp
 from zope.interface import implementer
 
 from lmtp_proxy.client import BackendError, BackendLost, BackendTimeout
+from lmtp_proxy.clientid import xtextEncode
 from lmtp_proxy.interfaces import IMessageStream, ITransaction
-from lmtp_proxy.reply import reply
-from lmtp_proxy.routing import REJECT
+from lmtp_proxy.recorder import NO_METRICS
+from lmtp_proxy.reply import Reply, reply
+from lmtp_proxy.routing import REJECT, rewriteAddress
 
 # Message bytes held for a backend that has not answered DATA yet, past
 # which reading from the client pauses.
@@ -27,6 +29,10 @@ MAX_HELD = 256 * 1024
 REJECTED = reply(451, "4.2.1 Mailbox temporarily unavailable, try again later")
 UNROUTED = reply(550, "5.1.1 No such user here")
 ABORTED = reply(451, "4.3.0 Message not completed")
+LOOP = reply(554, "5.4.6 Proxy loop detected")
+# issue 9: this node cannot vouch for its routing table (its lease on the
+# routing database ran out, or the table is not loaded yet).
+FENCED = reply(451, "4.3.0 Routing table unavailable, try again later")
 
 # Which LHLO keyword a backend must offer before a MAIL or RCPT parameter may
 # be passed on to it.
@@ -60,22 +66,34 @@ def _forwarded(params, client):
 class Delivery:
     """
     What every client session of one listener shares: the reactor, the
-    routing state and the backend connections.
+    routing state, the backend connections and the metrics.
+
+    @ivar running: the L{Transaction}s not ended yet, for
+        C{lmtp-proxy status}.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, state, pool):
+    def __init__(self, reactor, state, pool, metrics=NO_METRICS):
+        """
+        @param metrics: the L{lmtp_proxy.recorder.IRecorder} told of each
+            recipient and message.
+        """
         self.reactor = reactor
         self.state = state
         self.pool = pool
+        self.metrics = metrics
         self.outbox = pool.outbox
+        self.running = set()
 
-    def begin(self, client, sender, params):
+    def begin(self, client, sender, params, identity=None):
         """
         Start a transaction for C{MAIL FROM:<sender>}.
+
+        @param identity: the original client, an
+            L{lmtp_proxy.clientid.ClientIdentity}, or C{None}.
         """
-        return Transaction(self, client, sender, params)
+        return Transaction(self, client, sender, params, identity)
 
 
 @implementer(IPushProducer)
@@ -177,6 +195,34 @@ class BackendSession:
             if self.failure is not None:
                 return self.failure
             client = self.client
+            identity = self.transaction.identity
+            if (
+                not self._mailSent
+                and identity is not None
+                and not identity.sameAs(client.xclientFor)
+                and "XCLIENT" in client.extensions
+            ):
+                # Once per client session on a connection, pooled or not.
+                told = client.xclient(identity, identity.xclient(client.extensions["XCLIENT"]))
+                try:
+                    if client.pipelining:
+                        # MAIL follows in the same write. A lost connection
+                        # fails it too; a refused LHLO must as well.
+                        told.addErrback(lambda failure: client.abort())
+                    else:
+                        yield told
+                except BackendError as e:
+                    client.abort()
+                    self.client = None
+                    if (
+                        isinstance(e, BackendLost)
+                        and self._reused
+                        and attempt == 0
+                        and not self._aborted
+                    ):
+                        continue
+                    self.failure = e.reply
+                    return self.failure
             mail = None
             if not self._mailSent:
                 self._mailSent = True
@@ -223,6 +269,11 @@ class BackendSession:
         elif not 400 <= result.code < 600:
             self.fail(BackendError("unexpected RCPT reply %d" % (result.code,)))
             return self.failure
+        elif result.code >= 500 and self.backend.unknown_user == "tempfail":
+            result = result.withEnhancedCode()
+            if result.lines[0].startswith("5.1."):
+                return _unknownUserTempfail(result)
+            return result
         return result.withEnhancedCode()
 
     def _rcptFailed(self, failure):
@@ -401,6 +452,31 @@ class BackendSession:
         client.command(b"RSET").addCallbacks(resetDone, lambda f: None)
 
 
+def _unknownUserTempfail(result):
+    """
+    A backend's "no such user" (5.1.x) at RCPT, as C{450 4.1.1} with the
+    backend's text kept: with C{unknown_user: tempfail}, a user whose row is
+    a moment out of date during a move is retried, not bounced.
+    """
+    return Reply(
+        450,
+        tuple(
+            "4.1.1" + line[line.find(" "):] if " " in line else "4.1.1"
+            for line in result.lines
+        ),
+    )
+
+
+def _renamed(result, rewritten, original):
+    """
+    A backend's reply about a rewritten recipient, naming the address the
+    MTA knows instead.
+    """
+    if not any(rewritten in line for line in result.lines):
+        return result
+    return Reply(result.code, tuple(line.replace(rewritten, original) for line in result.lines))
+
+
 class RecipientRefused(smtp.SMTPBadRcpt):
     """
     A recipient refused at RCPT, by its backend or by the routing: C{reply}
@@ -426,14 +502,19 @@ class AcceptedRecipient:
     recipient's own verdict.
     """
 
-    __slots__ = ("address", "route", "transaction", "rcptReply", "verdict")
+    __slots__ = ("address", "route", "transaction", "rcptReply", "verdict", "rewritten")
 
-    def __init__(self, address, route, transaction, rcptReply):
+    def __init__(self, address, route, transaction, rcptReply, rewritten=None):
+        """
+        @param rewritten: the address the backend got instead of
+            C{address}, for a route that rewrites it (text), or C{None}.
+        """
         self.address = address
         self.route = route
         self.transaction = transaction
         self.rcptReply = rcptReply
         self.verdict = None
+        self.rewritten = rewritten
 
     def __call__(self):
         return self
@@ -473,17 +554,23 @@ class Transaction:
     sessions and the message they share.
     """
 
-    def __init__(self, delivery, client, sender, params):
+    def __init__(self, delivery, client, sender, params, identity=None):
         self.delivery = delivery
         self.client = client
         self.sender = sender
         self.params = params
+        self.identity = identity
+        # An XCLIENT said TTL=0: the mail went round the proxies.
+        self._loop = identity is not None and identity.loop
         self.id = newTransactionId()
         self.started = delivery.reactor.seconds()
-        self.generation = delivery.state.begin()
+        self.generation = delivery.state.begin(self)
+        self._fenced = None
+        delivery.running.add(self)
         self.config = delivery.state.config
         self.sessions = {}
         self.accepted = []
+        self.size = 0
         self._ended = False
         self._dataEnded = False
         self._lineFeeder = None
@@ -500,6 +587,14 @@ class Transaction:
         @raise RecipientRefused: at once, for a recipient without a route or
             routed to C{reject}.
         """
+        if self.delivery.state.fenced is not None:
+            self.delivery.metrics.rcptReply("none", FENCED.code)
+            self._outcome(user.dest.raw, None, FENCED)
+            raise RecipientRefused(user, FENCED)
+        if self._loop:
+            self.delivery.metrics.rcptReply("none", LOOP.code)
+            self._outcome(user.dest.raw, None, LOOP)
+            raise RecipientRefused(user, LOOP)
         route = self.delivery.state.table.route(user.dest.mailbox)
         if isinstance(route, defer.Deferred):
             return route.addCallback(self._routed, user)
@@ -508,30 +603,56 @@ class Transaction:
     def _routed(self, route, user):
         address = user.dest.raw
         if route is None:
+            self.delivery.metrics.rcptReply("none", UNROUTED.code)
             self._outcome(address, None, UNROUTED)
             raise RecipientRefused(user, UNROUTED)
         if route.backend == REJECT:
+            self.delivery.metrics.rcptReply(REJECT, REJECTED.code)
             self._outcome(address, route, REJECTED)
             raise RecipientRefused(user, REJECTED)
         session = self.sessions.get(route.backend)
         if session is None:
             session = BackendSession(self, self.config.backends[route.backend])
             self.sessions[route.backend] = session
+        if route.address is not None:
+            return self._rewritten(route, user, session)
         return session.rcpt(address, user.dest.params).addCallback(
             self._rcptAnswered, user, route, session
         )
 
-    def _rcptAnswered(self, result, user, route, session):
+    def _rewritten(self, route, user, session):
+        """
+        Send the RCPT of a recipient its route rewrites: the backend gets
+        the new address (the detail kept) and, where it offers DSN and the
+        client sent none, the original as C{ORCPT}; the client's replies
+        name the original.
+        """
+        original = user.dest.mailbox
+        rewritten = rewriteAddress(original, route.address, self.config.recipient_delimiter)
+        params = user.dest.params
+        if not any(key == b"ORCPT" for key, _ in params):
+            params = list(params) + [
+                (b"ORCPT", b"ORCPT=rfc822;" + xtextEncode(original).encode("ascii"))
+            ]
+        return (
+            session.rcpt(rewritten.encode("utf-8"), params)
+            .addCallback(_renamed, rewritten, original)
+            .addCallback(self._rcptAnswered, user, route, session, rewritten)
+        )
+
+    def _rcptAnswered(self, result, user, route, session, rewritten=None):
         address = user.dest.raw
         if self._ended or self._why is not None:
             # The client left or reset while this RCPT was at the backend:
             # whatever the backend said, or the BackendLost that dropping it
             # caused, the recipient's outcome is the client's doing.
             session.abort()
+            self.delivery.metrics.rcptReply(route.backend, ABORTED.code)
             self._outcome(address, route, None, self._why or "transaction ended")
             raise RecipientRefused(user, ABORTED)
+        self.delivery.metrics.rcptReply(route.backend, result.code)
         if result.positive:
-            recipient = AcceptedRecipient(address, route, self, result)
+            recipient = AcceptedRecipient(address, route, self, result, rewritten)
             self.accepted.append(recipient)
             return recipient
         self._outcome(address, route, result)
@@ -544,6 +665,8 @@ class Transaction:
         See L{ITransaction.startData}: send DATA to every backend that
         accepted a recipient; the message may follow at once.
         """
+        if self._fenced is not None:
+            return
         for session in self.sessions.values():
             session.startData(pauseClient, resumeClient)
 
@@ -552,6 +675,9 @@ class Transaction:
         See L{ITransaction.write}: relay a piece of the message, still
         dot-stuffed, to every backend.
         """
+        if self._fenced is not None:
+            return
+        self.size += len(data)
         for session in self.sessions.values():
             session.write(data)
 
@@ -562,7 +688,14 @@ class Transaction:
         """
         if self._dataEnded:
             return
+        if self._fenced is not None:
+            self.refuse(FENCED)
+            return
         self._dataEnded = True
+        metrics = self.delivery.metrics
+        for name, session in self.sessions.items():
+            if session.accepted and session.failure is None:
+                metrics.relayed(name, self.size)
         pending = {name: iter(s.finish()) for name, s in self.sessions.items()}
         for recipient in self.accepted:
             d = next(pending[recipient.route.backend])
@@ -616,6 +749,23 @@ class Transaction:
             session.abort()
         self._discard(why)
 
+    def fence(self, why):
+        """
+        This node was fenced (issue 9): unless the final dot went out
+        already, drop every backend transaction at once, so nothing of it
+        is delivered by a route that may be stale; its recipients get 451
+        after the dot, and new RCPTs are refused.
+        """
+        if self._dataEnded or self._fenced is not None:
+            return
+        self._fenced = why
+        self._why = "fenced: %s" % (why,)
+        for session in self.sessions.values():
+            session.abort()
+        # Nothing of it can be delivered any more: the barrier need not wait
+        # for the client to send the rest.
+        self._end()
+
     def reset(self):
         """
         End the transaction without a message (RSET, LHLO).
@@ -632,6 +782,13 @@ class Transaction:
         self._end()
 
     def _delivered(self, result, recipient):
+        self.delivery.metrics.delivered(
+            recipient.route.backend, self.delivery.reactor.seconds() - self.started
+        )
+        if recipient.rewritten is not None:
+            result = _renamed(
+                result, recipient.rewritten, recipient.address.decode("utf-8", "replace")
+            )
         self._outcome(recipient.address, recipient.route, result)
         return result
 
@@ -644,7 +801,8 @@ class Transaction:
     def _end(self):
         if not self._ended:
             self._ended = True
-            self.delivery.state.end(self.generation)
+            self.delivery.running.discard(self)
+            self.delivery.state.end(self.generation, self)
 
     def _outcome(self, address, route, result, why=None):
         if result is None:
@@ -655,22 +813,35 @@ class Transaction:
             status, text = "deferred", str(result)
         else:
             status, text = "bounced", str(result)
+        backend = route.backend if route is not None else "none"
+        self.delivery.metrics.recipient(backend, status)
         fields = dict(
             txid=self.id,
             rcpt=address.decode("utf-8", "replace"),
-            backend=route.backend if route is not None else "none",
+            backend=backend,
             client=self.client,
             sender=self.sender.decode("utf-8", "replace"),
             delay=self.delivery.reactor.seconds() - self.started,
             status=status,
             reply=text,
         )
+        to = "to=<%(rcpt)s>"
+        identity = self.identity
+        if identity is not None and identity.forwarded:
+            # The MTA's own client, as its XFORWARD or XCLIENT named it.
+            fields["orig_client"] = "%s:%s" % (identity.addr, identity.port)
+            fields["client"] += ", orig_client=" + fields["orig_client"]
+        if route is not None and route.address is not None:
+            fields["rewritten"] = rewriteAddress(
+                fields["rcpt"], route.address, self.config.recipient_delimiter
+            )
+            to = "to=<%(rcpt)s>, rewritten=<%(rewritten)s>"
         # Formatted here with %: a format string with a field per item costs
         # the logger's formatter several times as much, once per recipient.
         self.delivery.log.info(
             "{outcome}",
             outcome=(
-                "%(txid)s: to=<%(rcpt)s>, backend=%(backend)s, client=%(client)s, "
+                "%(txid)s: " + to + ", backend=%(backend)s, client=%(client)s, "
                 "from=<%(sender)s>, delay=%(delay).3f, status=%(status)s (%(reply)s)"
             )
             % fields,

@@ -73,6 +73,14 @@ class ILMTPDelivery(IMessageDelivery):
         @param why: a short text for the log.
         """
 
+    def identifyClient(identity):
+        """
+        Who the session's original client is, as its connection, its LHLO
+        and any XCLIENT or XFORWARD tell: told before each MAIL.
+
+        @param identity: an L{lmtp_proxy.clientid.ClientIdentity}.
+        """
+
 
 class ITransaction(Interface):
     """

@@ -68,6 +68,15 @@ class Outbox:
         for transport, chunks in waiting.items():
             sendNow(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
+    def flush(self, transport):
+        """
+        Send what waits for C{transport} now, before the current hold ends:
+        the reply to STARTTLS must leave before the connection turns to TLS.
+        """
+        chunks = self._waiting.pop(transport, None)
+        if chunks:
+            sendNow(transport, b"".join(chunks))
+
     def write(self, transport, data):
         """
         Send C{data} on C{transport}, now or at the end of the current hold.

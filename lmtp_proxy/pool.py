@@ -7,9 +7,29 @@ from collections import defaultdict
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from lmtp_proxy.client import BackendError, connectBackend
+from lmtp_proxy.client import (
+    BackendAuthFailed,
+    BackendError,
+    BackendLost,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    connectBackend,
+)
+from lmtp_proxy.health import BackendHealth
 from lmtp_proxy.outbox import Outbox
+from lmtp_proxy.recorder import NO_METRICS
+
+# The C{reason} label of a failed connection, by its error.
+FAILURE_REASONS = {
+    BackendUnavailable: "unreachable",
+    BackendTimeout: "timeout",
+    BackendLost: "lost",
+    BackendProtocolError: "protocol",
+    BackendAuthFailed: "auth",
+}
 
 
 class BackendPool:
@@ -23,16 +43,24 @@ class BackendPool:
 
     @ivar outbox: the L{Outbox} the connections write through, to be shared
         with the client sessions that use them.
+    @ivar metrics: the L{lmtp_proxy.recorder.IRecorder} told of connects,
+        failures and reuses.
     """
 
     log = Logger()
 
-    def __init__(self, reactor, connect=connectBackend):
+    def __init__(self, reactor, connect=connectBackend, metrics=NO_METRICS):
         self._reactor = reactor
         self._connect = connect
+        self.metrics = metrics
         self.outbox = Outbox()
         self._idle = defaultdict(list)
         self._timers = {}
+        self.health = BackendHealth(reactor)
+        # Per backend definition: the connections it handed out, and the
+        # last failure to connect since the last success.
+        self._open = defaultdict(set)
+        self._failures = {}
 
     def acquire(self, backend, config):
         """
@@ -44,7 +72,12 @@ class BackendPool:
             client = idle.pop()
             self._timers.pop(client).cancel()
             if client.usable:
+                self.metrics.reused(backend.name)
                 return defer.succeed((client, True))
+        health = self.health
+        if not health.admit(backend.name):
+            return defer.fail(health.refusal(backend.name))
+        started = self._reactor.seconds()
         connecting = self._connect(
             self._reactor,
             backend,
@@ -54,8 +87,24 @@ class BackendPool:
             self.outbox,
         )
 
+        def connected(client):
+            self.metrics.connected(backend.name, self._reactor.seconds() - started)
+            self._failures.pop(backend, None)
+            self._track(backend, client)
+            health.succeeded(backend.name)
+            return client, False
+
         def failed(failure):
             failure.trap(BackendError)
+            error = failure.value
+            health.failed(backend.name, config.backend_failures, config.backend_retry)
+            self._failures[backend] = (
+                self._reactor.seconds(),
+                "%s: %s" % (error.summary, error.detail),
+            )
+            self.metrics.connectFailed(
+                backend.name, FAILURE_REASONS.get(type(error), "other")
+            )
             self.log.warn(
                 "backend {backend} ({address}): connection failed: "
                 "{error.summary}: {error.detail}",
@@ -65,7 +114,47 @@ class BackendPool:
             )
             return failure
 
-        return connecting.addCallbacks(lambda client: (client, False), failed)
+        def late(result):
+            # The backend was marked down meanwhile and this acquire already
+            # failed; a connection made all the same serves the next one.
+            if not isinstance(result, Failure):
+                self.release(backend, result[0], config)
+
+        return health.watch(
+            backend.name, connecting.addCallbacks(connected, failed), late
+        )
+
+    def _track(self, backend, client):
+        # A connection a failed transaction dropped never comes back here;
+        # it leaves the set at the next connect to its backend, a sweep that
+        # costs far less than the connect itself.
+        handed = self._open[backend]
+        handed.difference_update([c for c in handed if not c.usable])
+        handed.add(client)
+
+    def describe(self, backend):
+        """
+        The connections to C{backend} (a L{lmtp_proxy.config.Backend}) and
+        its last failure, for C{lmtp-proxy status} and the metrics.
+
+        @return: a JSON-ready dict: C{pooled} and C{busy} connections,
+            C{state} (C{"down"} while L{BackendHealth} marks it down, else
+            C{"up"}) and C{last_failure}
+            (C{{"at": seconds since the epoch, "error": text}} or C{None}
+            once a connection succeeded again).
+        """
+        idle = self._idle.get(backend, ())
+        pooled = set(idle)
+        busy = sum(1 for c in self._open.get(backend, ()) if c.usable and c not in pooled)
+        failure = self._failures.get(backend)
+        return {
+            "pooled": len(idle),
+            "busy": busy,
+            "state": "down" if self.health.isDown(backend.name) else "up",
+            "last_failure": None
+            if failure is None
+            else {"at": failure[0], "error": failure[1]},
+        }
 
     def release(self, backend, client, config):
         """

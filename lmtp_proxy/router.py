@@ -4,13 +4,15 @@ each recipient to its backend, handed out by a C{twisted.cred} realm.
 
 As with C{twisted.mail}'s own servers, the LMTP server logs in to a
 L{Portal} for each client session and gets its delivery as the avatar
-(anonymously for now; authenticated clients log in to the same portal).
+(anonymously, then again with its credentials after a SASL AUTH).
 The avatar is a L{Router}: C{validateFrom} begins a
 L{lmtp_proxy.delivery.Transaction}, C{validateTo} sends the recipient's
 RCPT to its backend and fires once the backend answered, with a message
 whose C{eomReceived} is that recipient's own LMTP reply after the final
 dot.
 """
+
+from email.utils import formatdate
 
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import IRealm, Portal
@@ -26,6 +28,8 @@ class Router:
 
     @ivar transaction: the L{lmtp_proxy.delivery.Transaction} begun by the
         last C{validateFrom}, or C{None}.
+    @ivar identity: the original client (an
+        L{lmtp_proxy.clientid.ClientIdentity}), or C{None}.
     """
 
     def __init__(self, delivery, client):
@@ -37,6 +41,7 @@ class Router:
         self.delivery = delivery
         self.client = client
         self.transaction = None
+        self.identity = None
 
     def validateFrom(self, helo, origin):
         """
@@ -45,7 +50,9 @@ class Router:
 
         @param origin: an L{lmtp_proxy.envelope.Path}.
         """
-        self.transaction = self.delivery.begin(self.client, origin.raw, origin.params)
+        self.transaction = self.delivery.begin(
+            self.client, origin.raw, origin.params, self.identity
+        )
         return origin
 
     def validateTo(self, user):
@@ -66,10 +73,34 @@ class Router:
 
     def receivedHeader(self, helo, origin, recipients):
         """
-        See L{IMessageDelivery.receivedHeader}: none; the backends receive
-        the message exactly as the client sent it.
+        See L{IMessageDelivery.receivedHeader}: none, so that the backends
+        receive the message exactly as the client sent it, unless
+        C{add_received_header} asks for one line naming the proxy, the
+        client and, with one recipient, the recipient (as Dovecot's proxy
+        writes it).
         """
-        return None
+        config = self.delivery.state.config
+        if not config.add_received_header:
+            return None
+        identity = self.identity
+        name = (identity.helo if identity is not None else None) or helo[0].decode(
+            "ascii", "replace"
+        )
+        address = identity.addr if identity is not None else None
+        lines = [
+            "Received: from %s (%s)" % (name or "unknown", "[%s]" % (address,) if address else "unix"),
+            "\tby %s (lmtp-proxy) with LMTP id %s" % (config.hostname, self.transaction.id),
+        ]
+        if len(recipients) == 1:
+            lines.append("\tfor <%s>" % (recipients[0].dest.raw.decode("utf-8", "replace"),))
+        lines[-1] += "; " + formatdate(self.delivery.reactor.seconds(), localtime=True)
+        return "\r\n".join(lines).encode("utf-8")
+
+    def identifyClient(self, identity):
+        """
+        See L{ILMTPDelivery.identifyClient}.
+        """
+        self.identity = identity
 
     def resetTransaction(self):
         """
@@ -109,15 +140,20 @@ class LMTPRealm:
         See L{IRealm.requestAvatar}.
 
         @param mind: the client's address (L{str}), for the log.
+        @param avatarId: C{ANONYMOUS}, or the SASL login (L{bytes}) of an
+            authenticated client, which the log then names.
         """
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("lmtp-proxy only hands out IMessageDelivery")
+        if isinstance(avatarId, bytes):
+            mind = "%s (login %s)" % (mind, avatarId.decode("utf-8", "replace"))
         router = Router(self.delivery, mind)
         return IMessageDelivery, router, router.logout
 
 
-def deliveryPortal(delivery):
+def deliveryPortal(delivery, checkers=()):
     """
-    The portal the LMTP server logs in to: any client may deliver.
+    The portal the LMTP server logs in to: any client may deliver
+    anonymously, and C{checkers} check the credentials of SASL logins.
     """
-    return Portal(LMTPRealm(delivery), [AllowAnonymousAccess()])
+    return Portal(LMTPRealm(delivery), [AllowAnonymousAccess(), *checkers])

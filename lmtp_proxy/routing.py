@@ -12,7 +12,7 @@ from zope.interface import implementer
 
 from lmtp_proxy.interfaces import IRoutingSource
 
-__all__ = ["REJECT", "Route", "RoutingTable", "describeRoute"]
+__all__ = ["REJECT", "Route", "RoutingTable", "describeRoute", "rewriteAddress"]
 
 REJECT = "reject"
 
@@ -23,11 +23,19 @@ class Route:
     The outcome of a lookup: the C{backend} name (possibly L{REJECT}), the
     C{users} key that matched (None for the fallback) and C{how} it matched:
     C{"address"}, C{"domain"}, C{"localpart"} or C{"fallback"}.
+
+    C{address}, when not None, is the address the backend knows the
+    recipient by (Dovecot's C{destuser}): its RCPT names that address, with
+    the original's C{+detail} kept (L{rewriteAddress}), while the MTA's
+    replies and the log keep the original. A routing source fills it from
+    a C{users} value C{{backend: X, address: Y}}; a database source fills
+    it from a nullable column (NULL: no rewrite).
     """
 
     backend: str
     key: str | None
     how: str
+    address: str | None = None
 
 
 @implementer(IRoutingSource)
@@ -36,7 +44,10 @@ class RoutingTable:
     An immutable, case-insensitive map from recipients to backends.
 
     @param users: users keys (C{"user@domain"}, C{"localpart"} or
-        C{"@domain"}) to backend names.
+        C{"@domain"}) to backend names, or to C{(backend, address)} pairs
+        for a recipient rewritten for its backend (see L{Route.address}).
+        A plain name is stored as it is, so the common row costs no more
+        than before.
     @param ignoreDomain: look up the local part only.
     @param fallback: backend for recipients no key matches, or None.
     @param delimiter: recipient delimiter characters (Postfix semantics: any
@@ -47,7 +58,7 @@ class RoutingTable:
 
     def __init__(
         self,
-        users: Mapping[str, str],
+        users: Mapping[str, str | tuple[str, str]],
         ignoreDomain: bool,
         fallback: str | None,
         delimiter: str = "+",
@@ -78,15 +89,24 @@ class RoutingTable:
         C{recipient_delimiter}, so this module needs nothing of the
         configuration's own).
         """
+        users = config.users
+        if isinstance(users, MappingProxyType) and not any(k != k.lower() for k in users):
+            # A configuration's users mapping is read-only and its keys are
+            # folded already (config.py): share it rather than copy every
+            # key and entry, which halves what a large table costs a
+            # process (bench/scale.py).
+            table = cls({}, config.ignore_domain, config.fallback_backend, config.recipient_delimiter)
+            object.__setattr__(table, "_users", users)
+            return table
         return cls(
-            config.users,
+            users,
             config.ignore_domain,
             config.fallback_backend,
             config.recipient_delimiter,
         )
 
     @property
-    def users(self) -> Mapping[str, str]:
+    def users(self) -> Mapping[str, str | tuple[str, str]]:
         """A read-only view of the (lower-cased) users table."""
         return self._users
 
@@ -156,17 +176,39 @@ class RoutingTable:
             if base is not None:
                 candidates.append((base, "localpart"))
         for key, how in candidates:
-            backend = users.get(key)
-            if backend is not None:
-                return Route(backend, key, how)
+            value = users.get(key)
+            if value is not None:
+                if value.__class__ is str:
+                    return Route(value, key, how)
+                return Route(value[0], key, how, value[1])
         if self._fallback is not None:
             return Route(self._fallback, None, "fallback")
         return None
 
 
-def describeRoute(route: Route | None) -> str:
+def rewriteAddress(original: str, rewritten: str, delimiter: str = "+") -> str:
     """
-    A human-readable account of C{route}, for C{lmtp-proxy route}.
+    The address a backend gets for C{original} when its route rewrites it
+    to C{rewritten}: the original's extension (from its first delimiter
+    character on, Postfix semantics) kept, so C{alice+x@old.example}
+    rewritten to C{alice@new.example} becomes C{alice+x@new.example}.
+    """
+    local = original.rpartition("@")[0] if "@" in original else original
+    for i, c in enumerate(local):
+        if c in delimiter:
+            if not i:
+                break
+            newLocal, at, domain = rewritten.rpartition("@")
+            if not at:
+                return rewritten + local[i:]
+            return newLocal + local[i:] + "@" + domain
+    return rewritten
+
+
+def describeRoute(route: Route | None, address: str | None = None) -> str:
+    """
+    A human-readable account of C{route}, for C{lmtp-proxy route}; with the
+    C{address} looked up, a rewrite names the address the backend gets.
     """
     if route is None:
         return "no route (would be refused with 550 5.1.1)"
@@ -177,4 +219,7 @@ def describeRoute(route: Route | None) -> str:
     text = f"backend {route.backend} ({why})"
     if route.backend == REJECT:
         text += ": deferred with a 4xx temporary failure"
+    elif route.address is not None:
+        target = route.address if address is None else rewriteAddress(address, route.address)
+        text += f", rewritten to {target}"
     return text

@@ -21,17 +21,23 @@ command while the reply to an earlier one is outstanding, so replies always
 go out in command order.
 """
 
+import binascii
 import re
 
 from twisted.cred.credentials import Anonymous
-from twisted.internet import defer, protocol
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import defer, protocol, task
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IHandshakeListener, ITCPTransport
+from twisted.mail.imap4 import IllegalClientResponse, PLAINCredentials
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from lmtp_proxy import clientid
+from lmtp_proxy.access import FailureDelays, peerAllowed
+from lmtp_proxy.config import ConfigError
 from lmtp_proxy.envelope import Path, Recipient
 from lmtp_proxy.interfaces import (
     ILMTPDelivery,
@@ -41,6 +47,8 @@ from lmtp_proxy.interfaces import (
 )
 from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.reply import Reply, reply
+from lmtp_proxy.tls import describeFailure, describeSession, serverOptionsFor
+from lmtp_proxy.twisted_internals import ProxyHeaderWrapper, proxyHeaderFactory
 
 MAX_COMMAND_LINE = 4096
 # Past this much unread pipelined input, stop reading until the replies
@@ -70,14 +78,23 @@ UNRECOGNISED = reply(500, "5.5.2 Error: command not recognized")
 NOT_IMPLEMENTED = reply(502, "5.5.1 Error: command not implemented")
 NOT_LMTP = reply(500, "5.5.1 Error: this is an LMTP server, use LHLO")
 INTERNAL_ERROR = reply(451, "4.3.0 Error: internal error, try again later")
+NOT_AUTHORIZED = reply(550, "5.7.0 Error: insufficient authorization")
+FORWARD_IN_TRANSACTION = reply(503, "5.5.1 Error: MAIL transaction in progress")
+TOO_MANY_RECEIVED = reply(554, "5.4.6 Too many Received: headers: mail loop?")
 SMUGGLING = reply(
     554,
     "5.6.0 Message refused: bare LF, or a lone dot framed by bare CR or LF, "
     "in the message",
 )
 
+NEED_TLS = reply(530, "5.7.0 Must issue a STARTTLS command first")
+NEED_AUTH = reply(530, "5.7.0 Authentication required")
+AUTH_FAILED = reply(535, "5.7.8 Error: authentication failed")
+
 # The session's modes; see docs/design.rst for what moves between them.
+PROXY = "proxy"  # waiting for the HAProxy PROXY header
 LOGIN = "login"  # waiting for the portal's avatar
+SASL = "sasl"  # reading the client's answer to a SASL challenge
 COMMAND = "command"  # reading commands
 WAITING = "waiting"  # a command's reply is outstanding; input waits
 DATA = "data"  # reading the message
@@ -154,16 +171,24 @@ class _LineFeeder:
             message.connectionLost()
 
 
+@implementer(IHandshakeListener)
 class LMTPServer(protocol.Protocol, TimeoutMixin):
     """
     One LMTP session with the MTA.
 
-    @ivar mode: what the session is doing (L{LOGIN}, L{COMMAND},
-        L{WAITING}, L{DATA}, L{VERDICTS} or L{CLOSED}).
+    @ivar mode: what the session is doing (L{PROXY}, L{LOGIN}, L{COMMAND},
+        L{SASL}, L{WAITING}, L{DATA}, L{VERDICTS} or L{CLOSED}).
     @ivar delivery: the L{IMessageDelivery} avatar of this session.
+    @ivar proxied: whether a PROXY header comes first (set by the factory).
+    @ivar tls: whether the session is under TLS (or its handshake).
+    @ivar login: the SASL login (L{bytes}) of the client, or C{None}.
+    @ivar loginDelays: the L{FailureDelays} of failed logins, shared by the
+        factory's sessions.
     """
 
     log = Logger()
+    proxied = False
+    loginDelays = None
 
     def __init__(self, portal, clock, getConfig, outbox):
         """
@@ -191,6 +216,13 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self._pauses = set()
         self._closeTimer = None
         self.peer = "unknown"
+        self.tls = False
+        self._handshaken = False
+        self.login = None
+        self._sasl = None
+        # The original client (lmtp_proxy.clientid.ClientIdentity), as LHLO,
+        # XCLIENT and XFORWARD tell it; the delivery learns it at MAIL.
+        self._identity = None
         self._resetEnvelope()
 
     @property
@@ -201,8 +233,33 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
 
     def connectionMade(self):
         """
-        Log in to the portal, then greet the client.
+        Wait for the PROXY header if one is expected, else begin.
         """
+        if ITCPTransport.providedBy(self.transport):
+            # Replies to one pipelined group can leave in several writes
+            # (one per backend verdict); Nagle would hold each later one
+            # back until the client's delayed ACK.
+            self.transport.setTcpNoDelay(True)
+        self.setTimeout(self.config.idle_timeout)
+        if self.proxied:
+            self.mode = PROXY
+            return
+        self._begin()
+
+    def proxyHeaderReceived(self):
+        """
+        Called by L{ProxyHeaderWrapper}: C{getPeer} now gives the client's
+        address that the header carried.
+        """
+        if self.mode is PROXY:
+            self._begin()
+
+    def _begin(self):
+        """
+        Refuse a client C{allowed_clients} leaves out; start implicit TLS;
+        log in to the portal, then greet the client.
+        """
+        config = self.config
         peer = self.transport.getPeer()
         if isinstance(peer, (IPv4Address, IPv6Address)):
             self.peer = "%s:%d" % (peer.host, peer.port)
@@ -210,12 +267,24 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         else:
             self.peer = "unix"
             self._helo = (b"", b"unix")
-        if ITCPTransport.providedBy(self.transport):
-            # Replies to one pipelined group can leave in several writes
-            # (one per backend verdict); Nagle would hold each later one
-            # back until the client's delayed ACK.
-            self.transport.setTcpNoDelay(True)
-        self.setTimeout(self.config.idle_timeout)
+        if not peerAllowed(config.allowed_clients, peer):
+            self.log.info("refused {peer}: not in allowed_clients", peer=self.peer)
+            self._closeWith(
+                reply(554, "5.7.1 %s Error: access denied" % (config.hostname,)),
+                "client not allowed",
+            )
+            return
+        self.mode = LOGIN
+        if config.tls_certificate is not None and config.tls_implicit:
+            try:
+                self._startTLS(serverOptionsFor(config))
+            except ConfigError as e:
+                self.log.error("no TLS for {peer}: {error}", peer=self.peer, error=e)
+                self._closeWith(
+                    reply(421, "4.7.0 %s TLS not available" % (config.hostname,)),
+                    "no TLS",
+                )
+                return
         self.portal.login(Anonymous(), self.peer, IMessageDelivery).addCallbacks(
             self._loggedIn, self._loginFailed
         )
@@ -259,6 +328,12 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         mode, self.mode = self.mode, CLOSED
         self.setTimeout(None)
         self._cancelCloseTimer()
+        if self.tls and not self._handshaken and mode is not CLOSED:
+            self.log.info(
+                "client {peer}: TLS handshake failed: {reason}",
+                peer=self.peer,
+                reason=describeFailure(reason.value),
+            )
         if mode is not VERDICTS:
             self._abandon("connection closed before the end of the message")
         if self._logout is not None:
@@ -293,7 +368,10 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         try:
             while True:
                 mode = self.mode
-                if mode is COMMAND:
+                if mode is SASL:
+                    if not self._readCommand():
+                        break
+                elif mode is COMMAND:
                     if self._draining and self._origin is None:
                         # A graceful stop waits for the transaction in
                         # progress only: pipelined commands must not begin
@@ -342,7 +420,10 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
-        self._command(line)
+        if self.mode is SASL:
+            self._saslResponse(line)
+        else:
+            self._command(line)
         return True
 
     def _command(self, line):
@@ -415,6 +496,7 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self._resetTransaction()
         self._greeted = True
         self._helo = (argument.encode("ascii", "replace"), self._helo[1])
+        self._identify(self._clientIdentity().withHelo(argument))
         size = self.config.max_message_size
         # DSN is not offered: for a recipient whose backend lacks it, the
         # NOTIFY parameter has to be dropped, and an MTA that saw DSN offered
@@ -428,7 +510,79 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             "SIZE %d" % (size,) if size else "SIZE",
             "SMTPUTF8",
         ]
+        if self._mayForward():
+            # Offered only to the clients allowed to send them, as Postfix
+            # and Dovecot do; Postfix sends XFORWARD only when offered.
+            extensions += [clientid.XCLIENT_OFFER, clientid.XFORWARD_OFFER]
+        extensions += self._securityExtensions()
         return Reply(250, (self.config.hostname,) + tuple(extensions))
+
+    def _securityExtensions(self):
+        """
+        STARTTLS while the session is in clear, and AUTH once under TLS
+        (never before: the password would cross the network in clear).
+        """
+        config = self.config
+        if config.tls_certificate is None:
+            return []
+        if not self.tls:
+            return ["STARTTLS"]
+        if config.auth_users_file is not None:
+            return ["AUTH PLAIN LOGIN"]
+        return []
+
+    def lmtp_XCLIENT(self, argument):
+        """
+        Postfix's XCLIENT, from a client in C{allowed_xclient}: the original
+        client's address, port, greeting name and hop count (C{TTL}) for
+        the backends and the loop check. Answered, as Postfix and Dovecot
+        do, with a new greeting; the LHLO a client sends next keeps the
+        greeting name XCLIENT gave, and MAIL may follow without one.
+        """
+        result = self._forward(argument, clientid.XCLIENT_ATTRIBUTES)
+        if result is not None:
+            return result
+        return reply(220, "%s LMTP lmtp-proxy ready" % (self.config.hostname,))
+
+    def lmtp_XFORWARD(self, argument):
+        """
+        Postfix's XFORWARD (C{lmtp_send_xforward_command = yes}), from a
+        client in C{allowed_xclient}: the original client, for the backends.
+        """
+        result = self._forward(argument, clientid.XFORWARD_ATTRIBUTES)
+        if result is not None:
+            return result
+        return OK
+
+    def _forward(self, argument, known):
+        """
+        Take the attributes of an XCLIENT or XFORWARD command.
+
+        @return: the refusal, or C{None} when they were taken.
+        """
+        if not self._mayForward():
+            return NOT_AUTHORIZED
+        if self._origin is not None:
+            return FORWARD_IN_TRANSACTION
+        try:
+            attributes = clientid.parseAttributes(argument, known)
+        except clientid.BadAttribute as e:
+            return reply(501, str(e))
+        self._identify(self._clientIdentity().forwardedAs(attributes))
+        return None
+
+    def _mayForward(self):
+        return clientid.mayForward(self.config.allowed_xclient, self.transport.getPeer())
+
+    def _clientIdentity(self):
+        if self._identity is None:
+            self._identity = clientid.ClientIdentity.fromPeer(
+                self.transport.getPeer(), object()
+            )
+        return self._identity
+
+    def _identify(self, identity):
+        self._identity = identity
 
     def lmtp_HELO(self, argument):
         """
@@ -457,14 +611,167 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self._send(reply(221, "2.0.0 Bye"))
         self._close()
 
-    def lmtp_AUTH(self, argument):
+    def lmtp_ETRN(self, argument):
         return NOT_IMPLEMENTED
 
-    lmtp_STARTTLS = lmtp_ETRN = lmtp_TURN = lmtp_EXPN = lmtp_BDAT = lmtp_AUTH
+    lmtp_TURN = lmtp_EXPN = lmtp_BDAT = lmtp_ETRN
+
+    # TLS and SASL
+
+    def lmtp_STARTTLS(self, argument):
+        """
+        RFC 3207: answer 220, then turn the connection to TLS. What the
+        client pipelined after STARTTLS is discarded, never run: it came
+        in clear, and an attacker could have put it there (the STARTTLS
+        command injection). The session starts again as after the
+        greeting: LHLO first.
+        """
+        config = self.config
+        if config.tls_certificate is None:
+            return NOT_IMPLEMENTED
+        if self.tls:
+            return reply(503, "5.5.1 Error: TLS already active")
+        if argument:
+            return reply(501, "5.5.4 Syntax: STARTTLS")
+        try:
+            options = serverOptionsFor(config)
+        except ConfigError as e:
+            self.log.error("no TLS for {peer}: {error}", peer=self.peer, error=e)
+            return reply(454, "4.7.0 TLS not available due to temporary reason")
+        self._send(reply(220, "2.0.0 Ready to start TLS"))
+        # The 220 must leave in clear, ahead of the handshake.
+        self._outbox.flush(self.transport)
+        del self._buffer[:]
+        self._resetTransaction()
+        self._greeted = False
+        self._helo = (b"", self._helo[1])
+        self._startTLS(options)
+        return None
+
+    def _startTLS(self, options):
+        self.tls = True
+        self.transport.startTLS(options)
+
+    def handshakeCompleted(self):
+        """
+        See L{IHandshakeListener.handshakeCompleted}: log the session's TLS
+        version and cipher, once.
+        """
+        self._handshaken = True
+        self.log.info(
+            "client {peer}: TLS {session}",
+            peer=self.peer,
+            session=describeSession(self.transport),
+        )
+
+    def lmtp_AUTH(self, argument):
+        """
+        RFC 4954 SASL AUTH, PLAIN or LOGIN, offered only under TLS: the
+        credentials log in to the session's portal, whose avatar then
+        replaces the anonymous one.
+        """
+        config = self.config
+        if config.auth_users_file is None:
+            return NOT_IMPLEMENTED
+        if not self.tls:
+            return reply(538, "5.7.11 Encryption required for requested authentication mechanism")
+        if not self._greeted:
+            return BAD_SEQUENCE_LHLO
+        if self.login is not None:
+            return reply(503, "5.5.1 Error: already authenticated")
+        if self._origin is not None:
+            return reply(503, "5.5.1 Error: MAIL transaction in progress")
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism == "PLAIN":
+            self._sasl = PLAINCredentials()
+        elif mechanism == "LOGIN":
+            self._sasl = smtp.LOGINCredentials()
+        else:
+            return reply(504, "5.5.4 Unrecognized authentication type")
+        initial = initial.strip()
+        if initial:
+            # RFC 4954 4: "=" is an empty initial response.
+            return self._saslAnswer(b"" if initial == "=" else initial.encode("ascii"))
+        return self._challenge()
+
+    def _challenge(self):
+        self.mode = SASL
+        return Reply(334, (binascii.b2a_base64(self._sasl.getChallenge(), newline=False).decode("ascii"),))
+
+    def _saslResponse(self, line):
+        """
+        The L{SASL} mode's handler: the client's answer to a challenge.
+        """
+        self.mode = COMMAND
+        result = self._saslAnswer(line)
+        if isinstance(result, defer.Deferred):
+            self._wait(result)
+        else:
+            self._send(result)
+
+    def _saslAnswer(self, encoded):
+        credentials = self._sasl
+        if encoded == b"*":
+            self._sasl = None
+            return reply(501, "5.0.0 Authentication aborted")
+        try:
+            credentials.setResponse(binascii.a2b_base64(encoded, strict_mode=True))
+        except (binascii.Error, IllegalClientResponse):
+            self._sasl = None
+            return reply(501, "5.5.2 Error: cannot decode the AUTH response")
+        if credentials.moreChallenges():
+            return self._challenge()
+        self._sasl = None
+        return self.portal.login(credentials, self.peer, IMessageDelivery).addCallbacks(
+            self._authenticated, self._authFailed, callbackArgs=(credentials.username,)
+        )
+
+    def _authenticated(self, result, login):
+        _, delivery, logout = result
+        if self.mode is CLOSED:
+            logout()
+            return None
+        previous, self._logout = self._logout, logout
+        self.delivery = delivery
+        self._lmtpDelivery = ILMTPDelivery.providedBy(delivery)
+        if previous is not None:
+            previous()
+        self.login = login
+        self._delays().succeeded(self._helo[1])
+        self.log.info(
+            "client {peer} authenticated as {login}",
+            peer=self.peer,
+            login=login.decode("utf-8", "replace"),
+        )
+        return reply(235, "2.7.0 Authentication successful")
+
+    def _authFailed(self, failure):
+        if not failure.check(UnauthorizedLogin, UnhandledCredentials):
+            # The users file could not be read: not the client's fault.
+            self.log.failure("SASL login from {peer} failed", failure, peer=self.peer)
+            return reply(454, "4.7.0 Temporary authentication failure")
+        delay = self._delays().failed(self._helo[1])
+        self.log.info(
+            "SASL login from {peer} failed; answering in {delay:g} s",
+            peer=self.peer,
+            delay=delay,
+        )
+        return task.deferLater(self.clock, delay, lambda: AUTH_FAILED)
+
+    def _delays(self):
+        if self.loginDelays is None:
+            self.loginDelays = FailureDelays(self.clock)
+        return self.loginDelays
 
     def lmtp_MAIL(self, argument):
         if not self._greeted:
             return BAD_SEQUENCE_LHLO
+        config = self.config
+        if config.require_tls and not self.tls:
+            return NEED_TLS
+        if config.auth_required and config.auth_users_file is not None and self.login is None:
+            return NEED_AUTH
         if self._origin is not None:
             return NESTED_MAIL
         parsed = self._parsePath(argument, "FROM", _MAIL_PARAMETERS)
@@ -478,6 +785,8 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         if not (utf8 or parsed.address.isascii()):
             return NOT_UTF8_ENABLED
         origin = Path(_toBytes(parsed.address), parsed.address, parsed.params)
+        if self._lmtpDelivery:
+            self.delivery.identifyClient(self._identity)
         try:
             result = self.delivery.validateFrom(self._helo, origin)
         except Exception:
@@ -554,6 +863,8 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self._transactions = transactions
         self._dataError = None
         self._dataSize = 0
+        self._inHeaders = True
+        self._received = 0
         self._afterCRLF = True
         self._skipping = False
         for transaction in transactions:
@@ -628,7 +939,32 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         if config.max_message_size and self._dataSize > config.max_message_size:
             self._refuseData(reply(552, "5.3.4 Message size exceeds fixed limit"))
             return
+        if self._inHeaders and self._countReceived(body, config.max_received):
+            return
         self._relay(body)
+
+    def _countReceived(self, body, limit):
+        """
+        Count the C{Received:} headers in C{body} (whole lines, the next
+        piece of the header section or past it): a message that passed more
+        than C{limit} hops is looping. Only the header section is looked
+        at, so once it ended this costs nothing.
+
+        @return: whether the message was refused.
+        """
+        if body.startswith(b"\r\n"):
+            self._inHeaders = False
+            return False
+        end = body.find(b"\r\n\r\n")
+        if end >= 0:
+            self._inHeaders = False
+            body = body[: end + 2]
+        lowered = body.lower()
+        self._received += lowered.count(b"\nreceived:") + lowered.startswith(b"received:")
+        if self._received > limit:
+            self._refuseData(TOO_MANY_RECEIVED)
+            return True
+        return False
 
     def _relay(self, data):
         for transaction in self._transactions:
@@ -738,6 +1074,9 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self.mode is not CLOSED:
             self.mode = CLOSED
+            # A TLS transport drops what is written after loseConnection:
+            # the last reply must not wait in the outbox.
+            self._outbox.flush(self.transport)
             self.transport.loseConnection()
             # A client that stopped reading never lets the last reply out,
             # and the close would wait for it forever.
@@ -874,6 +1213,8 @@ class LMTPServerFactory(smtp.SMTPFactory):
         self.outbox = Outbox() if outbox is None else outbox
         self.sessions = set()
         self._allGone = []
+        self.loginDelays = FailureDelays(reactor)
+        self._proxyHeaders = proxyHeaderFactory(self)
 
     def buildProtocol(self, addr):
         """
@@ -881,7 +1222,11 @@ class LMTPServerFactory(smtp.SMTPFactory):
         """
         server = _TrackedServer(self.portal, self.reactor, self.getConfig, self.outbox)
         server.factory = self
+        server.loginDelays = self.loginDelays
         self.sessions.add(server)
+        if self.getConfig().proxy_protocol:
+            server.proxied = True
+            return ProxyHeaderWrapper(self._proxyHeaders, server)
         return server
 
     def sessionEnded(self, server):

@@ -9,10 +9,15 @@ and these children, started in this order and stopped in the reverse one:
   - C{"listener"} (L{Listener}): the MTA-facing socket, bound while still
     root;
   - C{"control"} (L{lmtp_proxy.control.ControlSocket}): the control socket;
+  - C{"metrics"} (L{lmtp_proxy.metrics.MetricsListener}, only with
+    C{metrics}): the HTTP listener serving C{/metrics};
   - C{"workers"} (L{lmtp_proxy.workers.Workers}, only with C{workers} above
     1): the extra serving processes, started once the listener is bound;
   - C{"reload"} (L{Reloader}): reloads, on SIGUSR1 or from the control
-    socket.
+    socket;
+  - C{"notify"} (L{lmtp_proxy.notify.NotifyService}): tells systemd the
+    proxy is ready once every other child has started, and that it stops
+    before any other child stops.
 
 twistd binds every socket (C{privilegedStartService}) before it drops
 privileges and starts anything (C{startService}). A stop reaches every child
@@ -20,6 +25,7 @@ at once: nothing is accepted any more, the workers and the sessions drain.
 """
 
 import gc
+import importlib
 import os
 import signal
 import time
@@ -29,14 +35,18 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from lmtp_proxy import config as configuration
 from lmtp_proxy.control import ControlSocket, controlAddress
 from lmtp_proxy.listening import describeListen, removeStaleSocket, socketOwner
+from lmtp_proxy.notify import Notifier, NotifyService
 from lmtp_proxy.pool import BackendPool
-from lmtp_proxy.reloader import reloadConfig
+from lmtp_proxy.recorder import NO_METRICS
+from lmtp_proxy.reloader import loadAtStart, reloadConfig
 from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import DrainTimeout, ProxyState
+from lmtp_proxy.status import combine, processView
 from lmtp_proxy.workers import Workers
 
 
@@ -63,8 +73,17 @@ def makeService(options):
     from twisted.internet import reactor
 
     try:
-        loaded = configuration.load(options["config"])
+        # A large file is parsed in a child process (issue 9's memory per
+        # user); a small one here.
+        loaded = loadAtStart(options["config"])
         socketOwner(loaded)
+        if configuration.usesSecurityFiles(loaded):
+            # Built while still root, so that a key only root may read is
+            # in force after twistd drops privileges; a reload reads the
+            # files again as the proxy's user.
+            from lmtp_proxy.tls import prepare
+
+            prepare(loaded)
     except configuration.ConfigError as e:
         # twistd only handles UsageError while parsing options; from here
         # anything but SystemExit becomes a traceback.
@@ -83,29 +102,86 @@ class ProxyService(service.MultiService):
     @ivar listener: the L{Listener} child.
     @ivar workers: the L{Workers} child, or C{None} when there are none.
     @ivar reloader: the L{Reloader} child.
+    @ivar metrics: the L{lmtp_proxy.recorder.IRecorder} of this process:
+        L{lmtp_proxy.metrics.Metrics} with C{metrics} configured.
     """
 
     log = Logger()
 
-    def __init__(self, loaded, reactor):
+    def __init__(self, loaded, reactor, notifier=None):
+        """
+        @param notifier: the L{Notifier} telling systemd; by default the one
+            C{NOTIFY_SOCKET} names.
+        """
         service.MultiService.__init__(self)
+        if notifier is None:
+            notifier = Notifier.fromEnvironment()
+        self.metrics = NO_METRICS
+        if loaded.metrics is not None:
+            metrics = _metricsModule()
+            self.metrics = metrics.Metrics()
         self.state = ProxyState(loaded)
-        self.pool = BackendPool(reactor)
-        self.factory = serverFactory(reactor, self.state, self.pool)
+        self.pool = BackendPool(reactor, metrics=self.metrics)
+        self.factory = serverFactory(reactor, self.state, self.pool, self.metrics)
         self.listener = Listener(reactor, loaded, self.factory)
         self.workers = None
         if loaded.workers > 1:
             self.workers = Workers(reactor, self.state, self.listener)
-        self.reloader = Reloader(reactor, self.state, self.workers)
+        self.reloader = Reloader(reactor, self.state, self.workers, self.metrics, notifier)
 
         # Children start in the order they are added, and stop in reverse:
         # the workers need the listener's socket.
         Sessions(self.factory, self.pool, self.state).setServiceParent(self)
         self.listener.setServiceParent(self)
-        ControlSocket(reactor, controlAddress(loaded), self.reloader).setServiceParent(self)
+        ControlSocket(
+            reactor, controlAddress(loaded), self.reloader, self.status
+        ).setServiceParent(self)
+        if loaded.metrics is not None:
+            self._retained = metrics.Retained()
+            metrics.MetricsListener(
+                reactor, loaded.metrics, metrics.ProxyCollector(reactor, self._gatherMetrics)
+            ).setServiceParent(self)
         if self.workers is not None:
             self.workers.setServiceParent(self)
         self.reloader.setServiceParent(self)
+        self.routing = None
+        if loaded.routing_database is not None:
+            # issue 9: the routing table is the database's. Imported only
+            # then: psycopg is the optional 'postgresql' extra.
+            from lmtp_proxy.pgsource import DatabaseRouting
+
+            self.routing = DatabaseRouting(reactor, self.state, self.workers)
+            self.routing.setServiceParent(self)
+        NotifyService(
+            notifier, lambda: "serving, generation %d" % (self.state.generation,)
+        ).setServiceParent(self)
+
+    def status(self):
+        """
+        The status of the whole proxy, for C{lmtp-proxy status}.
+
+        @return: a L{Deferred} firing with the dict of
+            L{lmtp_proxy.status.combine}.
+        """
+        return self._workerReports().addCallback(self._combine)
+
+    def _workerReports(self):
+        if self.workers is None:
+            return defer.succeed({})
+        return self.workers.status()
+
+    def _combine(self, reports):
+        return combine(
+            processView(self.state, self.factory, self.pool),
+            {number: report and report["status"] for number, report in reports.items()},
+        )
+
+    def _gatherMetrics(self):
+        def gathered(reports):
+            samples = [self.metrics.samples()] + self._retained.update(reports)
+            return samples, self._combine(reports)
+
+        return self._workerReports().addCallback(gathered)
 
     def startService(self):
         """
@@ -116,6 +192,9 @@ class ProxyService(service.MultiService):
         """
         service.MultiService.startService(self)
         config = self.state.config
+        warning = configuration.readableSecrets(config)
+        if warning is not None:
+            self.log.warn("{warning}", warning=warning)
         self.log.info(
             "lmtp-proxy listening on {socket}, {users} users, backends: {backends}",
             socket=describeListen(config),
@@ -129,6 +208,21 @@ class ProxyService(service.MultiService):
         # as long as the process. Left to the collector, every full pass
         # walks it again: about 30 ms in which no session is served.
         gc.freeze()
+
+
+def _metricsModule():
+    """
+    L{lmtp_proxy.metrics}, imported only when C{metrics} is configured:
+    C{prometheus_client} is an optional extra. Without it, start-up ends
+    with one line saying what to install.
+    """
+    try:
+        return importlib.import_module("lmtp_proxy.metrics")
+    except ImportError as e:
+        raise SystemExit(
+            "lmtp-proxy: config.metrics needs prometheus_client "
+            "(pip install 'lmtp-proxy[metrics]'): %s" % (e,)
+        )
 
 
 class Listener(service.Service):
@@ -233,14 +327,20 @@ class Reloader(service.Service):
     name = "reload"
     log = Logger()
 
-    def __init__(self, reactor, state, workers=None):
+    def __init__(self, reactor, state, workers=None, metrics=NO_METRICS, notifier=None):
         """
         @param workers: the L{Workers} to pass each configuration on to, or
+            C{None}.
+        @param metrics: the L{lmtp_proxy.recorder.IRecorder} told of each
+            reload.
+        @param notifier: the L{Notifier} telling systemd of each reload, or
             C{None}.
         """
         self._reactor = reactor
         self.state = state
         self._workers = workers
+        self._metrics = metrics
+        self._notifier = Notifier(None) if notifier is None else notifier
         self._lock = defer.DeferredLock()
         self._previousSIGUSR1 = None
 
@@ -315,12 +415,18 @@ class Reloader(service.Service):
 
     def _reload(self):
         started = time.monotonic()
+        self._notifier.reloading()
         old = self.state.config
         loading = reloadConfig(self._reactor, old)
 
         def loaded(result):
             new, table, summary, data = result
-            generation = self.state.swap(new, table)
+            if old.routing_database is not None:
+                # The database source (issue 9) owns the table and its
+                # generation; a reload changes the rest.
+                generation = self.state.swapConfig(new)
+            else:
+                generation = self.state.swap(new, table)
             if self._workers is not None:
                 configured = self._workers.configure(data, generation)
             else:
@@ -343,4 +449,17 @@ class Reloader(service.Service):
             )
             return failure
 
-        return loading.addCallbacks(loaded, refused)
+        def done(result):
+            if not isinstance(result, Failure):
+                outcome = "ok"
+            elif result.check(configuration.ConfigError):
+                outcome = "refused"
+            else:
+                outcome = "failed"
+            self._metrics.reloaded(outcome, time.monotonic() - started)
+            # Ready again in every case: a refused file leaves the old
+            # configuration in force.
+            self._notifier.ready("serving, generation %d" % (self.state.generation,))
+            return result
+
+        return loading.addCallbacks(loaded, refused).addBoth(done)

@@ -32,6 +32,12 @@ class ProxyState:
         self.generation = 1
         self._running = Counter()
         self._drainWaiters = []
+        # issue 9: fencing. While fenced (the PostgreSQL source's lease ran
+        # out, or its table is not loaded yet) every RCPT gets 451 and no
+        # transaction reaches its final dot. The live transactions are the
+        # ones a fence must stop.
+        self.fenced = None
+        self._live = set()
 
     @property
     def transactions(self):
@@ -52,21 +58,76 @@ class ProxyState:
         self.generation = self.generation + 1 if generation is None else generation
         return self.generation
 
-    def begin(self):
+    def begin(self, transaction=None):
         """
         Record that a transaction begins; return its generation.
+
+        @param transaction: the transaction, with a C{fence(why)} method, to
+            stop if this process is fenced before it ends.
         """
         self._running[self.generation] += 1
+        if transaction is not None:
+            self._live.add(transaction)
         return self.generation
 
-    def end(self, generation):
+    def end(self, generation, transaction=None):
         """
         Record that a transaction of C{generation} ended.
         """
         self._running[generation] -= 1
         if not self._running[generation]:
             del self._running[generation]
+        self._live.discard(transaction)
         self._wakeDrainWaiters()
+
+    # issue 9: the PostgreSQL source's generations and fencing
+
+    def oldest(self):
+        """
+        The oldest generation among the transactions running, or C{None}.
+        """
+        return min(self._running) if self._running else None
+
+    def swapConfig(self, config):
+        """
+        Put a new configuration in force but keep the routing table and its
+        generation (the routing table is the database's, not the file's).
+        A table that follows the configuration's routing settings
+        (C{reconfigure}) is told.
+
+        @return: the generation (unchanged).
+        """
+        self.config = config
+        reconfigure = getattr(self.table, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(config)
+        return self.generation
+
+    def advance(self, generation, table=None):
+        """
+        The database's generation C{generation} is in force (with C{table},
+        when it is a new table object rather than the same one changed in
+        place).
+        """
+        if table is not None:
+            self.table = table
+        self.generation = generation
+
+    def fence(self, why):
+        """
+        Stop delivering: every RCPT from now on is refused with 451, and
+        every transaction that has not reached its final dot is dropped at
+        its backends (its recipients get 451 after the dot).
+        """
+        self.fenced = why
+        for transaction in list(self._live):
+            transaction.fence(why)
+
+    def unfence(self):
+        """
+        Deliver again.
+        """
+        self.fenced = None
 
     def olderThan(self, generation):
         """

@@ -16,9 +16,18 @@ The items:
     process owns (C{tests.test_twisted_internals.SharedUNIXPortTests}).
   - L{listenUNIXQuietly}: a unix port that does not log its raw name when
     it closes (C{tests.test_twisted_internals.QuietUNIXPortTests}).
+  - L{proxyHeaderFactory} and L{ProxyHeaderWrapper}: a HAProxy PROXY
+    header read with Twisted's own parser before the session begins
+    (C{tests.test_twisted_internals.ProxyHeaderTests}).
 """
 
 from twisted.internet import tcp, unix
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.protocols.haproxy._wrapper import (
+    HAProxyProtocolWrapper,
+    HAProxyWrappingFactory,
+)
+from zope.interface import implementer
 
 
 def sendOnSocket(transport, data):
@@ -143,3 +152,74 @@ def listenUNIXQuietly(reactor, address, factory, mode):
     port = _QuietUNIXPort(address, factory, mode=mode, reactor=reactor)
     port.startListening()
     return port
+
+
+def proxyHeaderFactory(factory):
+    """
+    The C{WrappingFactory} that L{ProxyHeaderWrapper}s of C{factory}'s
+    protocols register with. Twisted's only public way to the PROXY
+    protocol is a listening endpoint (C{proxyEndpoint}); the proxy decides
+    per connection (a reload may change the setting, and worker processes
+    adopt their socket), so the wrapper is made by the server factory, from
+    the private C{twisted.protocols.haproxy._wrapper} module.
+    """
+    return HAProxyWrappingFactory(factory)
+
+
+class _Held:
+    """
+    Keeps what Twisted's parser passes on after the PROXY header.
+    """
+
+    def __init__(self):
+        self.data = []
+
+    def dataReceived(self, data):
+        self.data.append(data)
+
+
+@implementer(IHandshakeListener)
+class ProxyHeaderWrapper(HAProxyProtocolWrapper):
+    """
+    Twisted's PROXY protocol wrapper, which tells the wrapped protocol
+    (C{proxyHeaderReceived()}) when the header has been read, before it
+    passes on anything that followed the header: the wrapped protocol may
+    start TLS then, and those bytes (the client's TLS hello) belong to the
+    TLS layer.
+
+    Relies on the private C{_proxyInfo} (set once the header is parsed),
+    on C{HAProxyProtocolWrapper.dataReceived} handing the rest of the data
+    to C{wrappedProtocol}, and on C{startTLS} making the TLS layer the
+    connection's C{protocol}.
+    C{tests.test_twisted_internals.ProxyHeaderTests} fails first when one
+    changes.
+    """
+
+    def dataReceived(self, data):
+        """
+        See L{IProtocol.dataReceived}.
+        """
+        if self._proxyInfo is not None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        wrapped, held = self.wrappedProtocol, _Held()
+        self.wrappedProtocol = held
+        try:
+            HAProxyProtocolWrapper.dataReceived(self, data)
+        finally:
+            self.wrappedProtocol = wrapped
+        if self._proxyInfo is None:
+            return
+        wrapped.proxyHeaderReceived()
+        if held.data and self.connected:
+            # The connection's protocol: this wrapper, or the TLS layer
+            # that proxyHeaderReceived put in front of it.
+            self.transport.protocol.dataReceived(b"".join(held.data))
+
+    def handshakeCompleted(self):
+        """
+        See L{IHandshakeListener.handshakeCompleted}: TLS started below this
+        wrapper; the wrapped protocol is told.
+        """
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()

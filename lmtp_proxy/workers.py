@@ -15,12 +15,20 @@ one request line, one reply line::
     config GENERATION LENGTH\\n<LENGTH bytes>  -> "ok GENERATION"
     wait GENERATION SECONDS                   -> "drained" | "running COUNT"
     stop SECONDS                              -> the worker drains and exits
+    status                                    -> "status JSON"
+
+A C{status} reply is answered at once, and may overtake the replies to the
+requests before it (a C{wait} can take minutes): the master tells it by its
+first word (a tagged request, see L{WorkerProcess.request}). Its JSON holds
+the worker's L{lmtp_proxy.status.processView} and its metrics' samples
+(L{lmtp_proxy.metrics.Metrics.samples}).
 
 A worker's log events arrive on its standard error and are logged by the
 master, each line prefixed with the worker's number.
 """
 
 import gc
+import json
 import signal
 import socket
 import sys
@@ -31,10 +39,15 @@ from twisted.internet import defer, protocol, stdio
 from twisted.logger import Logger, eventAsText, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 
+from lmtp_proxy.pgworkers import MasterRouting, WorkerRouting
+from lmtp_proxy.pgworkers import handleLine as handleDatabaseLine
+from lmtp_proxy.pgworkers import rawData as databaseRawData
 from lmtp_proxy.pool import BackendPool
+from lmtp_proxy.recorder import NO_METRICS
 from lmtp_proxy.reloader import childEnvironment, deserialize, inThread, serialize
 from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import ProxyState
+from lmtp_proxy.status import processView
 from lmtp_proxy.twisted_internals import adoptSharedUNIXPort
 
 FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
@@ -64,25 +77,46 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.number = number
         self._ended = ended
         self._replies = deque()
+        self._tagged = {}
         self._out = b""
         self._err = b""
         self.configured = None
         self.exited = defer.Deferred()
 
-    def request(self, line, payload=b""):
+    def request(self, line, payload=b"", tag=None):
         """
         Send one request; fire with the worker's reply line.
+
+        @param tag: for a request whose reply begins with its own word
+            (the database source's, L{lmtp_proxy.pgworkers}), that word: its
+            reply is then told from the others by it, not by its order.
         """
         waiter = defer.Deferred()
-        self._replies.append(waiter)
+        if tag is None:
+            self._replies.append(waiter)
+        else:
+            self._tagged.setdefault(tag, deque()).append(waiter)
         self.transport.write(line.encode("ascii") + b"\n" + payload)
         return waiter
+
+    def status(self):
+        """
+        Ask for the worker's status; fire with its decoded JSON.
+        """
+        return self.request("status", tag=b"status").addCallback(
+            lambda line: json.loads(line[len("status ") :])
+        )
 
     def outReceived(self, data):
         self._out += data
         *lines, self._out = self._out.split(b"\n")
         for line in lines:
-            if self._replies:
+            tagged = self._tagged.get(line.split(b" ", 1)[0])
+            if tagged:
+                waiter = tagged.popleft()
+                if not waiter.called:
+                    waiter.callback(line.decode("ascii", "replace"))
+            elif self._replies:
                 self._replies.popleft().callback(line.decode("ascii", "replace"))
 
     def errReceived(self, data):
@@ -100,8 +134,12 @@ class WorkerProcess(protocol.ProcessProtocol):
         # nothing left to kill.
         self.exited.callback(None)
         replies, self._replies = self._replies, deque()
+        for tagged in self._tagged.values():
+            replies.extend(tagged)
+        self._tagged = {}
         for waiter in replies:
-            waiter.errback(reason)
+            if not waiter.called:
+                waiter.errback(reason)
         self._ended(self, reason)
 
 
@@ -115,6 +153,9 @@ class Workers(service.Service):
     name = "workers"
     log = Logger()
     RESPAWN_DELAY = 1.0
+    # Seconds a worker gets to answer a status request: a scrape must not
+    # wait long on one that is busy.
+    STATUS_TIME = 5.0
     # Seconds a worker gets to answer a request (taking in a configuration
     # of 100,000 users takes it about 2 s), beyond any wait it was asked for.
     ANSWER_TIME = 60.0
@@ -136,6 +177,9 @@ class Workers(service.Service):
         self._stopping = False
         self._data = None
         self._generation = None
+        # The database source's requests (issue 9), sent by
+        # lmtp_proxy.pgsource.DatabaseRouting.
+        self.routing = MasterRouting(self, self.ANSWER_TIME)
 
     def startService(self):
         """
@@ -172,6 +216,24 @@ class Workers(service.Service):
             [self._sendConfig(worker) for worker in self._processes.values()],
             consumeErrors=True,
         )
+
+    def status(self, timeout=STATUS_TIME):
+        """
+        Ask every worker for its status (see the module docstring).
+
+        @return: a L{Deferred} firing with a dict of worker numbers to their
+            decoded replies, C{None} for one that did not answer within
+            C{timeout} seconds.
+        """
+        numbers = sorted(self._processes)
+        asked = [
+            self._processes[number]
+            .status()
+            .addTimeout(timeout, self._reactor)
+            .addErrback(lambda failure: None)
+            for number in numbers
+        ]
+        return defer.gatherResults(asked).addCallback(lambda replies: dict(zip(numbers, replies)))
 
     def stillRunning(self, generation, timeout):
         """
@@ -217,6 +279,9 @@ class Workers(service.Service):
             childFDs={0: "w", 1: "r", 2: "r", 3: self._fd},
         )
         worker.configured = self._sendConfig(worker)
+        if self.routing.spawned is not None:
+            # The database source's table and lease (issue 9).
+            self.routing.spawned(worker)
         return worker.configured
 
     def _sendConfig(self, worker):
@@ -227,7 +292,7 @@ class Workers(service.Service):
             self._data,
         )
 
-    def _ask(self, worker, line, timeout, payload=b""):
+    def _ask(self, worker, line, timeout, payload=b"", tag=None):
         """
         Send a request that C{worker} must answer within C{timeout} seconds.
         One that does not is hung: it is killed (and started again with the
@@ -237,7 +302,7 @@ class Workers(service.Service):
         @return: a L{Deferred} firing with the reply line, or with C{None}
             once a hung worker has exited.
         """
-        asking = worker.request(line, payload).addTimeout(timeout, self._reactor)
+        asking = worker.request(line, payload, tag).addTimeout(timeout, self._reactor)
 
         def hung(failure):
             if worker.exited.called:
@@ -299,7 +364,9 @@ class WorkerControl(LineReceiver):
 
     def lineReceived(self, line):
         words = line.decode("ascii", "replace").split()
-        if words and words[0] == "config" and len(words) == 3:
+        if handleDatabaseLine(self, words):
+            pass
+        elif words and words[0] == "config" and len(words) == 3:
             self._pending = (int(words[1]), int(words[2]), bytearray())
             self.setRawMode()
         elif words and words[0] == "wait" and len(words) == 3:
@@ -308,10 +375,14 @@ class WorkerControl(LineReceiver):
                     b"drained" if not count else b"running %d" % (count,)
                 )
             )
+        elif words == ["status"]:
+            self.sendLine(b"status " + json.dumps(self.worker.report()).encode("utf-8"))
         elif words and words[0] == "stop" and len(words) == 2:
             self.worker.stop(float(words[1])).addBoth(lambda _: self.worker.reactor.stop())
 
     def rawDataReceived(self, data):
+        if databaseRawData(self, data):
+            return
         generation, length, received = self._pending
         received += data
         if len(received) < length:
@@ -340,19 +411,34 @@ class Worker:
         self.family = FAMILIES[family]
         self.state = None
         self.factory = None
+        self.metrics = NO_METRICS
         self.pool = BackendPool(reactor)
         self.port = None
         self._stopped = None
+        # The database source's side (issue 9); idle with the YAML source.
+        self.dbRouting = WorkerRouting(self)
 
     def configure(self, data, generation):
         building = inThread(self.reactor, deserialize, data)
 
         def built(result):
             config, table = result
+            if config.routing_database is not None and self.state is not None:
+                # The database's table stays; the master sends its changes.
+                self.state.swapConfig(config)
+                return
             if self.state is None:
+                if config.routing_database is not None:
+                    table = self.dbRouting.newState(config)
                 self.state = ProxyState(config, table)
                 self.state.generation = generation
-                self.factory = serverFactory(self.reactor, self.state, self.pool)
+                if config.routing_database is not None:
+                    self.dbRouting.start()
+                if config.metrics is not None:
+                    from lmtp_proxy.metrics import Metrics
+
+                    self.metrics = self.pool.metrics = Metrics()
+                self.factory = serverFactory(self.reactor, self.state, self.pool, self.metrics)
                 if self.family == socket.AF_UNIX:
                     self.port = adoptSharedUNIXPort(self.reactor, 3, self.factory)
                 else:
@@ -365,6 +451,18 @@ class Worker:
                 self.state.swap(config, table, generation)
 
         return building.addCallback(built)
+
+    def report(self):
+        """
+        This worker's status and its metrics' samples (none without
+        C{config.metrics}).
+        """
+        if self.state is None:
+            return {"status": None, "samples": []}
+        return {
+            "status": processView(self.state, self.factory, self.pool),
+            "samples": [] if self.metrics is NO_METRICS else self.metrics.samples(),
+        }
 
     def running(self, generation, timeout):
         if self.state is None:

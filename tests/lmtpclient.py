@@ -186,21 +186,38 @@ class LMTPTestClient(ReplyReader, protocol.Protocol):
         """
         return [r.code for r in self.replies]
 
+    def startTLS(self, options):
+        """
+        Turn the connection to TLS with C{options} (from
+        L{twisted.internet.ssl.optionsForClientTLS}), after the server's
+        220 to STARTTLS.
+        """
+        self.transport.startTLS(options)
 
-def connectClient(testcase, target):
+
+def connectClient(testcase, target, tls=None, bindAddress=None, preamble=b""):
     """
     Connect an L{LMTPTestClient} to C{target}; fires with it after the
     greeting. The connection is aborted at cleanup.
+
+    @param tls: client TLS options, for TLS from the first byte.
+    @param bindAddress: the C{(host, port)} to connect from.
+    @param preamble: bytes sent before the greeting is awaited (a PROXY
+        header).
     """
     creator = protocol.ClientCreator(reactor, LMTPTestClient)
     address = _address(target)
     if isinstance(address, str):
         d = creator.connectUNIX(address)
+    elif tls is not None:
+        d = creator.connectSSL(*address, tls, bindAddress=bindAddress)
     else:
-        d = creator.connectTCP(*address)
+        d = creator.connectTCP(*address, bindAddress=bindAddress)
 
     def connected(client):
         testcase.addCleanup(client.transport.abortConnection)
+        if preamble:
+            client.send(preamble)
         return client.waitReplies(1).addCallback(lambda _: client)
 
     return d.addCallback(connected)
@@ -276,6 +293,16 @@ class BlockingLMTPClient(ReplyReader):
             self.collect(data)
         self._read += 1
         return self.replies[self._read - 1]
+
+    def startTLS(self, caFile, hostname="localhost"):
+        """
+        Turn the connection to TLS (after the server's 220 to STARTTLS),
+        trusting the CA in C{caFile} and checking C{hostname}.
+        """
+        import ssl
+
+        context = ssl.create_default_context(cafile=caFile)
+        self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
 
     def command(self, line):
         """

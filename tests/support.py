@@ -17,6 +17,7 @@ from twisted.protocols.basic import LineReceiver
 from lmtp_proxy import config as configuration
 from lmtp_proxy.client import LMTPClient
 from lmtp_proxy.pool import BackendPool
+from lmtp_proxy.recorder import NO_METRICS
 from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import ProxyState
 from tests.lmtpclient import connectClient
@@ -207,7 +208,11 @@ class Proxy:
     The proxy's server side on 127.0.0.1, built from a config mapping.
     """
 
-    def __init__(self, testcase, settings, backends, users, clock=reactor):
+    def __init__(self, testcase, settings, backends, users, clock=reactor, metrics=NO_METRICS):
+        """
+        @param metrics: the L{lmtp_proxy.recorder.IRecorder} the delivery
+            and the pool tell.
+        """
         document = {
             "config": dict({"socket": ["127.0.0.1", 1]}, **settings),
             "backends": backends,
@@ -215,8 +220,8 @@ class Proxy:
         }
         self.config = configuration.parse(yaml.safe_dump(document), "<test>")
         self.state = ProxyState(self.config)
-        self.pool = BackendPool(clock)
-        self.factory = serverFactory(clock, self.state, self.pool)
+        self.pool = BackendPool(clock, metrics=metrics)
+        self.factory = serverFactory(clock, self.state, self.pool, metrics)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         testcase.addCleanup(self.stop)
 

@@ -119,6 +119,8 @@ class CheckTests(CLITestCase):
         ignoreDomain.
         """
         path = self.writeConfig(CONFIG)
+        # A readable file holding a password is warned about on stderr.
+        os.chmod(path, 0o600)
         status, out, err = self.runMain(["check", "-c", path])
         self.assertEqual((status, err), (0, ""))
         lines = out.splitlines()
@@ -130,6 +132,15 @@ class CheckTests(CLITestCase):
         self.assertTrue(any(line.startswith("users: 4") for line in lines), out)
         self.assertIn("fallback_backend: old", lines)
         self.assertIn("ignoreDomain: false", lines)
+
+    def test_metricsListener(self):
+        """
+        C{metrics} is shown as the URL it is served at.
+        """
+        path = self.writeConfig(NO_FALLBACK.replace("config:\n", "config:\n  metrics: [127.0.0.1, 9125]\n"))
+        status, out, err = self.runMain(["check", "-c", path])
+        self.assertEqual(status, 0, err)
+        self.assertIn("metrics: http://127.0.0.1:9125/metrics", out.splitlines())
 
     def test_unixListener(self):
         """

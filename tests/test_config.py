@@ -527,7 +527,9 @@ class LoadTests(ParseErrorMixin, unittest.TestCase):
         """load() parses the file and records its path."""
         path = self.mktemp()
         with open(path, "w") as f:
-            f.write(SEED)
+            # load() refuses a password to a TCP backend in clear unless
+            # allowed (tests.test_tls.SecurityConfigTests).
+            f.write(SEED.replace("    password: s3cret\n", "    password: s3cret\n    allow_plaintext_auth: true\n"))
         c = load(path)
         self.assertEqual((c.source, c.socket), (path, "/var/run/lmtp-proxy.sock"))
 
@@ -622,3 +624,35 @@ class PerformanceTests(unittest.TestCase):
         if not yaml.__with_libyaml__:
             raise unittest.SkipTest("PyYAML built without libyaml")
         self.assertIs(config._Loader, yaml.CSafeLoader)
+
+
+class MetricsKeyTests(ParseErrorMixin, unittest.TestCase):
+    """
+    C{config.metrics}: where the Prometheus metrics are served.
+    """
+
+    def test_absent(self):
+        """Without the key there is no metrics listener."""
+        self.assertIsNone(parse(minimal()).metrics)
+
+    def test_hostAndPort(self):
+        """A list [host, port] is a TCP listener."""
+        self.assertEqual(
+            parse(minimal("metrics: [127.0.0.1, 9125]")).metrics, ("127.0.0.1", 9125)
+        )
+
+    def test_unixPath(self):
+        """A string is a unix socket path."""
+        self.assertEqual(parse(minimal("metrics: /run/m.sock")).metrics, "/run/m.sock")
+
+    def test_badPort(self):
+        """A port out of range is one error naming the key."""
+        self.assertConfigError(
+            minimal("metrics: [127.0.0.1, 70000]"), 3, "config.metrics[1]"
+        )
+
+    def test_needsRestart(self):
+        """Changing it is reported as needing a restart."""
+        old = parse(minimal("metrics: [127.0.0.1, 9125]"))
+        new = parse(minimal("metrics: [127.0.0.1, 9126]"))
+        self.assertIn("needs a restart to change: metrics", describeChanges(old, new))

@@ -187,6 +187,21 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         outbox.write(transport, b"one")
         self.assertEqual(transport.value(), b"one")
 
+    def test_flushSendsOneTransportsWritesNow(self):
+        """
+        L{Outbox.flush} sends what waits for one transport during a hold
+        (the reply to STARTTLS, before TLS starts), and only for it.
+        """
+        outbox, first, second = Outbox(), StringTransport(), StringTransport()
+        outbox.hold()
+        outbox.write(first, b"250 Ok\r\n")
+        outbox.write(first, b"220 Ready to start TLS\r\n")
+        outbox.write(second, b"other\r\n")
+        outbox.flush(first)
+        self.assertEqual((first.value(), second.value()), (b"250 Ok\r\n220 Ready to start TLS\r\n", b""))
+        outbox.release()
+        self.assertEqual((first.value().count(b"220"), second.value()), (1, b"other\r\n"))
+
     def test_heldWritesLeaveAtRelease(self):
         """
         Writes made while held wait for the release, and leave in order.

@@ -204,6 +204,9 @@ class StubDelivery:
     def abortTransaction(self, why):
         self.transactions[-1].abort(why)
 
+    def identifyClient(self, identity):
+        self.identity = identity
+
 
 @implementer(IRealm)
 class StubRealm:

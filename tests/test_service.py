@@ -405,13 +405,13 @@ class TreeTests(unittest.TestCase):
         """
         L{makeService} returns a C{MultiService} whose children, in the
         order they start, are the sessions, the listener, the control
-        socket, the workers and the reload machinery.
+        socket, the workers, the reload machinery and the systemd notifier.
         """
         svc = self.build(workers=2)
         self.assertIsInstance(svc, MultiService)
         self.assertEqual(
             [child.name for child in svc],
-            ["sessions", "listener", "control", "workers", "reload"],
+            ["sessions", "listener", "control", "workers", "reload", "notify"],
         )
 
     def test_noWorkersForOneProcess(self):
@@ -420,7 +420,19 @@ class TreeTests(unittest.TestCase):
         """
         svc = self.build(workers=1)
         self.assertEqual(
-            [child.name for child in svc], ["sessions", "listener", "control", "reload"]
+            [child.name for child in svc],
+            ["sessions", "listener", "control", "reload", "notify"],
+        )
+
+    def test_metricsListener(self):
+        """
+        With C{metrics} the tree has a metrics child, after the control
+        socket.
+        """
+        svc = self.build(metrics=["127.0.0.1", deadPort()])
+        self.assertEqual(
+            [child.name for child in svc],
+            ["sessions", "listener", "control", "metrics", "reload", "notify"],
         )
 
 

@@ -9,6 +9,7 @@ import socket
 import stat
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
@@ -123,3 +124,60 @@ class QuietUNIXPortTests(unittest.TestCase):
         yield factory.offered
         yield port.stopListening()
         self.assertFalse(os.path.lexists(path))
+
+
+class _HeaderRecorder(protocol.Protocol):
+    """
+    Records what a L{ProxyHeaderWrapper} tells it, in order.
+    """
+
+    def __init__(self):
+        self.events = []
+        self.onHeader = None
+
+    def proxyHeaderReceived(self):
+        self.events.append(("header", self.transport.getPeer().host))
+        if self.onHeader is not None:
+            self.onHeader()
+
+    def dataReceived(self, data):
+        self.events.append(("data", data))
+
+
+class ProxyHeaderTests(unittest.TestCase):
+    """
+    L{ProxyHeaderWrapper} relies on Twisted's private PROXY header parser
+    and wrapper (see L{lmtp_proxy.twisted_internals}).
+    """
+
+    def connect(self):
+        from lmtp_proxy.twisted_internals import ProxyHeaderWrapper, proxyHeaderFactory
+
+        recorder = _HeaderRecorder()
+        wrapper = ProxyHeaderWrapper(proxyHeaderFactory(protocol.Factory()), recorder)
+        transport = StringTransport()
+        transport.protocol = wrapper
+        wrapper.makeConnection(transport)
+        return wrapper, recorder, transport
+
+    def test_headerBeforeTheDataAfterIt(self):
+        """
+        The wrapped protocol hears of the header (and sees the address it
+        carries) before the bytes that followed it in the same read.
+        """
+        wrapper, recorder, _ = self.connect()
+        wrapper.dataReceived(b"PROXY TCP4 192.0.2.5 127.0.0.1 4000 24\r\nLHLO x\r\n")
+        self.assertEqual(recorder.events, [("header", "192.0.2.5"), ("data", b"LHLO x\r\n")])
+
+    def test_dataAfterHeaderGoesToTheNewProtocol(self):
+        """
+        When the wrapped protocol puts a TLS layer in front of the wrapper
+        as it hears of the header, the bytes after the header go to that
+        layer.
+        """
+        wrapper, recorder, transport = self.connect()
+        layer = _HeaderRecorder()
+        recorder.onHeader = lambda: setattr(transport, "protocol", layer)
+        wrapper.dataReceived(b"PROXY TCP4 192.0.2.5 127.0.0.1 4000 24\r\n\x16\x03\x01")
+        self.assertEqual(layer.events, [("data", b"\x16\x03\x01")])
+        self.assertEqual(recorder.events, [("header", "192.0.2.5")])

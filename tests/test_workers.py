@@ -276,7 +276,7 @@ class WorkerConfigureTests(unittest.TestCase):
         of an older generation arriving after a newer one is not put in
         force.
         """
-        older = configuration.parse("config:\n  socket: [127.0.0.1, 1]\nusers:\n  alice@x.test: a\nbackends:\n  a: {host: 127.0.0.1, port: 1}\n", "<old>")
+        older = configuration.parse("config:\n  socket: [127.0.0.1, 1]\nusers:\n  alice@x.test: a\nbackends:\n  a: {host: 127.0.0.1, port: 3}\n", "<old>")
         newer = configuration.parse("config:\n  socket: [127.0.0.1, 1]\nusers:\n  alice@x.test: b\nbackends:\n  b: {host: 127.0.0.1, port: 2}\n", "<new>")
         worker = Worker(reactor, "inet")
         worker.state = ProxyState(newer)

@@ -6,6 +6,14 @@
 #   swaks          swaks
 #   dovecot-core   dovecot, doveconf
 #   dovecot-lmtpd  /usr/lib/dovecot/lmtp
+#   cyrus-imapd    /usr/lib/cyrus/bin/lmtpd (a backend that demands LMTP AUTH)
+#   sasl2-bin      saslpasswd2 (Cyrus's users for that AUTH)
+#   libsasl2-modules    the SASL PLAIN/LOGIN client of Postfix's lmtp
+#   libnet-ssleay-perl  swaks --tls (a --no-install-recommends swaks lacks it)
+#   stunnel4       TLS in front of smtp-source and smtp-sink (bench.py --tls)
+#   postgresql     /usr/lib/postgresql/*/bin/initdb, postgres (the database
+#                  routing source's tests start their own servers; no
+#                  system cluster is created)
 #
 #   tools/install-peers.sh          install what is missing (needs root)
 #   tools/install-peers.sh --check  only report; exit 1 if something is missing
@@ -18,13 +26,14 @@
 # duration of the apt run and removed afterwards.
 set -euo pipefail
 
-pkgs=(postfix swaks dovecot-core dovecot-lmtpd)
+pkgs=(postfix swaks dovecot-core dovecot-lmtpd cyrus-imapd sasl2-bin libsasl2-modules libnet-ssleay-perl postgresql stunnel4)
 # command (or file) -> package that provides it
 checks=(
     "postfix:postfix" "postqueue:postfix" "smtp-sink:postfix"
     "swaks:swaks"
     "dovecot:dovecot-core" "doveconf:dovecot-core"
     "/usr/lib/dovecot/lmtp:dovecot-lmtpd"
+    "/usr/lib/cyrus/bin/lmtpd:cyrus-imapd" "saslpasswd2:sasl2-bin" "stunnel4:stunnel4"
 )
 export PATH="$PATH:/usr/sbin:/sbin"
 
@@ -68,6 +77,12 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+# postgresql-common creates and starts a "main" cluster unless told not to;
+# the tests run private servers (initdb into a temporary directory).
+if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+fi
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 echo "postfix postfix/mailname string localhost" | debconf-set-selections
 echo "install-peers: installing: $missing"
