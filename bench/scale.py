@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Scale of the routing table (issue 9), measured from outside.
+"""Scale of the routing table, measured from outside.
 
 Database source (--part db; needs Debian's postgresql and the
 ``postgresql`` extra in the venv):

@@ -80,10 +80,11 @@ def loadConfig(path: str):
     Load and validate C{path}; a L{lmtp_proxy.config.ConfigError} becomes a
     L{CommandError} with the same one-line message.
     """
-    from lmtp_proxy.config import ConfigError, load
+    from lmtp_proxy.config import ConfigError
+    from lmtp_proxy.reloader import loadChecked
 
     try:
-        return load(path)
+        return loadChecked(path)
     except ConfigError as e:
         raise CommandError(str(e)) from None
 
@@ -214,7 +215,7 @@ def checkCommand(args: Sequence[str]) -> int:
         _out(f"  {name}: {backend.describe()}{auth} ({n} user{'' if n == 1 else 's'})")
     perBackend = ", ".join(f"{counts[name]} -> {name}" for name in sorted(counts))
     if config.routing_database is not None:
-        # issue 9: the users are the database's (the password never shown).
+        # With the database source, the users are the database's (the password never shown).
         from lmtp_proxy.pgstore import redact
 
         _out(
@@ -290,7 +291,7 @@ def routeCommand(args: Sequence[str]) -> int:
     from lmtp_proxy.routing import RoutingTable, describeRoute
 
     if config.routing_database is not None:
-        # issue 9: the table is the database's.
+        # With the database source, the table is the database's.
         from lmtp_proxy.routecli import databaseTable
 
         table = databaseTable(config)
@@ -501,7 +502,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 
 
 def _routingCommand(name: str) -> Callable[[Sequence[str]], int]:
-    # issue 9's subcommands live in lmtp_proxy.routecli, imported when used.
+    # The routing-table subcommands live in lmtp_proxy.routecli, imported when used.
     def run(args: Sequence[str]) -> int:
         from lmtp_proxy.routecli import SUBCOMMANDS as routing
 

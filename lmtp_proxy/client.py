@@ -431,13 +431,14 @@ class LMTPClient(LineOnlyReceiver):
 
     def _armTimer(self):
         """
-        Give the oldest reply awaited a full timeout from now, or stop the
-        timer when none is awaited. C{DelayedCall.reset} to a later time
-        only records the delay, so moving the deadline on every reply line
-        costs no timer cancel and insert.
+        Give the oldest reply awaited a full timeout from now.
+        C{DelayedCall.reset} to a later time only records the delay, so
+        moving the deadline on every reply line costs no timer cancel and
+        insert; and with no reply awaited the timer is left to fire and
+        find nothing to do, rather than cancelled and made again for the
+        next command (a cancel and an insert three times per message).
         """
         if not self._waiters or self._failure is not None:
-            self._stopTimer()
             return
         timeout = self._waiters[0].timeout
         if self._timer is None:
@@ -453,7 +454,9 @@ class LMTPClient(LineOnlyReceiver):
 
     def _timedOut(self):
         self._timer = None
-        if self._waiters and self._waiters[0] is self._greetingWaiter:
+        if not self._waiters:
+            return
+        if self._waiters[0] is self._greetingWaiter:
             self._fail(BackendTimeout("no greeting within connect_timeout"))
             return
         self._fail(BackendTimeout("no reply in time"))

@@ -144,7 +144,7 @@ class Config:
     backend_failures: int = 3
     backend_retry: float = 10.0
     metrics: str | tuple[str, int] | None = None
-    # issue 9: the PostgreSQL routing source and this proxy as a cluster node
+    # The PostgreSQL routing source and this proxy as a cluster node
     node_name: str = field(default_factory=_socket.gethostname)
     lease: float = 10.0
     routing_database: str | None = field(default=None, repr=False)
@@ -708,7 +708,7 @@ class _Parser:
 
     def routing(self, node: Node) -> dict[str, Any]:
         """
-        The C{routing} section (issue 9): where the routing table lives when
+        The C{routing} section: where the routing table lives when
         it is not the C{users} mapping. The database URI is never put in an
         error message: it may hold a password.
         """
@@ -868,14 +868,6 @@ def load(path: str) -> Config:
                 "credentials would cross the network in clear: set 'tls' "
                 "(starttls or implicit), or 'allow_plaintext_auth: true'",
             )
-    if usesSecurityFiles(loaded):
-        # Certificates, keys and the SASL users file are checked whenever
-        # the file is loaded (start, check, reload), so a broken one is
-        # refused like any other mistake; imported here because it needs
-        # the optional TLS libraries.
-        from lmtp_proxy.tls import checkFiles
-
-        checkFiles(loaded)
     return loaded
 
 

@@ -30,7 +30,7 @@ REJECTED = reply(451, "4.2.1 Mailbox temporarily unavailable, try again later")
 UNROUTED = reply(550, "5.1.1 No such user here")
 ABORTED = reply(451, "4.3.0 Message not completed")
 LOOP = reply(554, "5.4.6 Proxy loop detected")
-# issue 9: this node cannot vouch for its routing table (its lease on the
+# This node cannot vouch for its routing table (its lease on the
 # routing database ran out, or the table is not loaded yet).
 FENCED = reply(451, "4.3.0 Routing table unavailable, try again later")
 
@@ -751,7 +751,7 @@ class Transaction:
 
     def fence(self, why):
         """
-        This node was fenced (issue 9): unless the final dot went out
+        This node was fenced: unless the final dot went out
         already, drop every backend transaction at once, so nothing of it
         is delivered by a route that may be stale; its recipients get 451
         after the dot, and new RCPTs are refused.

@@ -1,5 +1,5 @@
 """
-The PostgreSQL routing source in worker processes (issue 9).
+The PostgreSQL routing source in worker processes.
 
 The master alone talks to the database (L{lmtp_proxy.pgsource}); it passes
 every table it loads and every change on to the workers, with the

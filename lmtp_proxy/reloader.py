@@ -224,6 +224,23 @@ def reloadConfig(reactor, old):
 CHILD_LOAD_BYTES = 4 * 1024 * 1024
 
 
+def loadChecked(path):
+    """
+    L{configuration.load} C{path}, then read every certificate, key and
+    SASL users file it names, so that a broken one is refused like any
+    other mistake wherever a file is loaded (start, check, reload).
+
+    @raise configuration.ConfigError: for the first mistake.
+    """
+    loaded = configuration.load(path)
+    if configuration.usesSecurityFiles(loaded):
+        # Imported only here: it needs the optional TLS libraries.
+        from lmtp_proxy.tls import checkFiles
+
+        checkFiles(loaded)
+    return loaded
+
+
 def loadAtStart(path):
     """
     Load C{path} before the reactor runs. A large file is parsed in a child
@@ -233,14 +250,14 @@ def loadAtStart(path):
     JSON. Measured with bench/scale.py: about 1000 bytes per user less in
     the master process at 1,000,000 users.
 
-    @raise configuration.ConfigError: as L{configuration.load}.
+    @raise configuration.ConfigError: as L{loadChecked}.
     """
     try:
         large = os.path.getsize(path) > CHILD_LOAD_BYTES
     except OSError:
         large = False
     if not large:
-        return configuration.load(path)
+        return loadChecked(path)
     import subprocess
 
     done = subprocess.run(
@@ -269,7 +286,7 @@ def main(argv):
     # Parsing a large table takes seconds of CPU that serving needs more.
     os.nice(10)
     try:
-        loaded = configuration.load(argv[0])
+        loaded = loadChecked(argv[0])
     except configuration.ConfigError as e:
         sys.stderr.write("%s\n" % (e,))
         return 2

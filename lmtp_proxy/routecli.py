@@ -1,5 +1,5 @@
 """
-The routing-table subcommands of C{lmtp-proxy} (issue 9), dispatched by
+The routing-table subcommands of C{lmtp-proxy}, dispatched by
 L{lmtp_proxy.cli}::
 
     lmtp-proxy db init|import|export -c FILE [USERS.yaml]

@@ -73,8 +73,8 @@ def makeService(options):
     from twisted.internet import reactor
 
     try:
-        # A large file is parsed in a child process (issue 9's memory per
-        # user); a small one here.
+        # A large file is parsed in a child process (see
+        # reloader.loadAtStart); a small one here.
         loaded = loadAtStart(options["config"])
         socketOwner(loaded)
         if configuration.usesSecurityFiles(loaded):
@@ -146,7 +146,7 @@ class ProxyService(service.MultiService):
         self.reloader.setServiceParent(self)
         self.routing = None
         if loaded.routing_database is not None:
-            # issue 9: the routing table is the database's. Imported only
+            # With the database source, the routing table is the database's. Imported only
             # then: psycopg is the optional 'postgresql' extra.
             from lmtp_proxy.pgsource import DatabaseRouting
 
@@ -422,7 +422,7 @@ class Reloader(service.Service):
         def loaded(result):
             new, table, summary, data = result
             if old.routing_database is not None:
-                # The database source (issue 9) owns the table and its
+                # The database source owns the table and its
                 # generation; a reload changes the rest.
                 generation = self.state.swapConfig(new)
             else:

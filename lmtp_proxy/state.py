@@ -32,7 +32,7 @@ class ProxyState:
         self.generation = 1
         self._running = Counter()
         self._drainWaiters = []
-        # issue 9: fencing. While fenced (the PostgreSQL source's lease ran
+        # Fencing. While fenced (the PostgreSQL source's lease ran
         # out, or its table is not loaded yet) every RCPT gets 451 and no
         # transaction reaches its final dot. The live transactions are the
         # ones a fence must stop.
@@ -80,7 +80,7 @@ class ProxyState:
         self._live.discard(transaction)
         self._wakeDrainWaiters()
 
-    # issue 9: the PostgreSQL source's generations and fencing
+    # The PostgreSQL source's generations and fencing
 
     def oldest(self):
         """

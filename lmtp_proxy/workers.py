@@ -177,7 +177,7 @@ class Workers(service.Service):
         self._stopping = False
         self._data = None
         self._generation = None
-        # The database source's requests (issue 9), sent by
+        # The database source's requests, sent by
         # lmtp_proxy.pgsource.DatabaseRouting.
         self.routing = MasterRouting(self, self.ANSWER_TIME)
 
@@ -280,7 +280,7 @@ class Workers(service.Service):
         )
         worker.configured = self._sendConfig(worker)
         if self.routing.spawned is not None:
-            # The database source's table and lease (issue 9).
+            # The database source's table and lease.
             self.routing.spawned(worker)
         return worker.configured
 
@@ -415,7 +415,7 @@ class Worker:
         self.pool = BackendPool(reactor)
         self.port = None
         self._stopped = None
-        # The database source's side (issue 9); idle with the YAML source.
+        # The database source's side; idle with the YAML source.
         self.dbRouting = WorkerRouting(self)
 
     def configure(self, data, generation):

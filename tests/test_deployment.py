@@ -83,7 +83,7 @@ class ExampleConfigTests(unittest.TestCase):
 class MigrationScriptTests(unittest.TestCase):
     """
     The README's migration script changes the users table with the
-    command that does it safely for either routing source (issue 9), whose
+    command that does it safely for either routing source, whose
     behaviour tests/test_pgrouting.py checks.
     """
 

@@ -1,6 +1,5 @@
 """
-End to end, the one-command move with the PostgreSQL routing source
-(issue 9): a real PostgreSQL server, two proxy nodes (the installed
+End to end, the one-command move with the PostgreSQL routing source: a real PostgreSQL server, two proxy nodes (the installed
 ``twistd -n lmtp-proxy``), each behind its own private Postfix, two real
 Dovecot stores, mail for the moving user through both nodes continuously
 while ``lmtp-proxy move`` runs with a sync command that copies the

@@ -1,5 +1,5 @@
 """
-The PostgreSQL routing source (issue 9): the live table, the barrier's
+The PostgreSQL routing source: the live table, the barrier's
 logic, fencing, the configuration keys, and the commands and proxies
 against a real PostgreSQL server (L{tests.pgserver}).
 """
@@ -233,7 +233,7 @@ class FencingStateTests(unittest.TestCase):
 
 class ConfigTests(unittest.TestCase):
     """
-    The configuration keys of issue 9.
+    The configuration keys of the database source and the cluster.
     """
 
     DB = 'routing:\n  database: "postgresql://lmtp:s3cret@/mail?host=/run/postgresql"\n'
@@ -962,8 +962,8 @@ class WithoutClientTests(unittest.TestCase):
 
 class SharedTableTests(unittest.TestCase):
     """
-    The YAML table shares the configuration's users mapping (issue 9's
-    memory per user).
+    The YAML table shares the configuration's users mapping rather than
+    copying it.
     """
 
     def test_fromConfigShares(self):

@@ -14,6 +14,7 @@ from twisted.trial import unittest
 from lmtp_proxy import config as configuration
 from lmtp_proxy.access import FailureDelays, readUsersFile
 from lmtp_proxy.client import BackendTLSFailed, connectBackend
+from lmtp_proxy.reloader import loadChecked
 from tests.certificates import Authority, hashPassword, requireTLS
 from tests.lmtpclient import connectClient, exchange, mail
 from tests.support import FakeBackend, Proxy, waitUntil
@@ -637,7 +638,7 @@ class SecurityConfigTests(TLSCase):
             "config:\n  socket: /s\n  tls: {certificate: %s, key: %s}\n"
             % (self.certificate, otherKey)
         )
-        error = self.assertRaises(configuration.ConfigError, configuration.load, path)
+        error = self.assertRaises(configuration.ConfigError, loadChecked, path)
         self.assertIn("config.tls", str(error))
         self.assertNotIn("\n", str(error))
 
@@ -648,7 +649,7 @@ class SecurityConfigTests(TLSCase):
         path = self.write(
             "config:\n  socket: /s\n  tls: {certificate: /nonexistent.pem, key: %s}\n" % (self.key,)
         )
-        error = self.assertRaises(configuration.ConfigError, configuration.load, path)
+        error = self.assertRaises(configuration.ConfigError, loadChecked, path)
         self.assertIn("/nonexistent.pem", str(error))
 
     def test_certificateReadAgainForNewConfiguration(self):
@@ -692,10 +693,11 @@ class Block:
 sys.meta_path.insert(0, Block())
 import lmtp_proxy.service, lmtp_proxy.serving, lmtp_proxy.server, lmtp_proxy.client
 from lmtp_proxy import config
+from lmtp_proxy.reloader import loadChecked
 plain, tls = sys.argv[1:3]
-config.load(plain)
+loadChecked(plain)
 try:
-    config.load(tls)
+    loadChecked(tls)
 except config.ConfigError as e:
     print(e)
 """
