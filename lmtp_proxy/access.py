@@ -81,14 +81,43 @@ def readUsersFile(path, source="<config>"):
     return users
 
 
-# Checked for a name that does not exist, so that its answer takes as long
-# as a wrong password's and says nothing about which part was wrong.
-_UNKNOWN = b"$2b$12$" + b"x" * 53
+_unknown = []
 
 
-def _verify(hashed, password):
+def _unknownHash(cost):
+    """
+    A real hash of the given cost, checked for a name that does not exist,
+    so that its answer takes as long as a wrong password's and says nothing
+    about which part was wrong (an invalid hash would be refused at once).
+    """
     import bcrypt
 
+    for known, hashed in _unknown:
+        if known == cost:
+            return hashed
+    hashed = bcrypt.hashpw(b"", bcrypt.gensalt(cost))
+    _unknown.append((cost, hashed))
+    return hashed
+
+
+def _cost(users):
+    """
+    The bcrypt cost of the users file's first hash ("$2b$12$..."), 12 if
+    there is none.
+    """
+    for hashed in users.values():
+        cost = hashed[4:6]
+        if cost.isdigit():
+            return int(cost)
+    return 12
+
+
+def _verify(hashed, password, unknownCost):
+    import bcrypt
+
+    if hashed is None:
+        bcrypt.checkpw(password, _unknownHash(unknownCost))
+        return False
     try:
         return bcrypt.checkpw(password, hashed)
     except ValueError:
@@ -134,7 +163,7 @@ class UsersFileChecker:
         users = self._usersFor(config) if config.auth_users_file else {}
         hashed = users.get(username)
         checking = deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), _verify, hashed or _UNKNOWN, password
+            self._reactor, self._reactor.getThreadPool(), _verify, hashed, password, _cost(users)
         )
 
         def checked(valid):

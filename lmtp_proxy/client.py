@@ -31,6 +31,7 @@ from zope.interface import implementer
 from lmtp_proxy.config import ConfigError
 
 from lmtp_proxy.outbox import Outbox
+from lmtp_proxy.twisted_internals import discardLineBuffer
 from lmtp_proxy.reply import Reply, reply
 from lmtp_proxy.tls import clientOptionsFor, describeFailure, describeSession
 
@@ -215,7 +216,7 @@ class LMTPClient(LineOnlyReceiver):
                 # What came in clear after the 220 to STARTTLS is not the
                 # backend's (RFC 3207 4.2); the next bytes are TLS.
                 self._discardClear = False
-                self._buffer = b""
+                discardLineBuffer(self)
             self._outbox.release()
 
     def sendLine(self, line):

@@ -52,6 +52,9 @@ def xtextEncode(value):
     )
 
 
+_PRINTABLE = re.compile(r"[\x21-\x7e]*\Z")
+
+
 def parseAttributes(argument, known):
     """
     The attributes of an XCLIENT or XFORWARD command: upper-case names to
@@ -70,6 +73,10 @@ def parseAttributes(argument, known):
         if not equals or name not in known:
             raise BadAttribute("5.5.4 Bad attribute name: %s" % (name or word,))
         value = xtextDecode(value)
+        if not _PRINTABLE.match(value):
+            # A decoded CR or LF would end a header line this value goes
+            # into (Received:, XCLIENT to a backend) early.
+            raise BadAttribute("5.5.4 Bad %s attribute value" % (name,))
         if value.upper() in _UNAVAILABLE:
             attributes[name] = None
             continue

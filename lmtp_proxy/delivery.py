@@ -158,6 +158,7 @@ class BackendSession:
         self._holding = False
         self._unanswered = 0
         self._aborted = False
+        self.dotSent = False
 
     def rcpt(self, address, params):
         """
@@ -362,6 +363,7 @@ class BackendSession:
             return self._noMessage()
         client = self.client
         self._stopStreaming()
+        self.dotSent = True
         client.writeData(b".\r\n")
         replies = client.expectReplies(self.accepted, self.config.data_timeout)
         self._unanswered = len(replies)
@@ -450,6 +452,16 @@ class BackendSession:
                 client.abort()
 
         client.command(b"RSET").addCallbacks(resetDone, lambda f: None)
+
+
+class Fenced(BackendError):
+    """
+    This node stopped delivering (its lease on the routing database ran
+    out) before the backend had the final dot.
+    """
+
+    enhanced = "4.3.0"
+    summary = "routing table unavailable"
 
 
 def _unknownUserTempfail(result):
@@ -756,7 +768,15 @@ class Transaction:
         is delivered by a route that may be stale; its recipients get 451
         after the dot, and new RCPTs are refused.
         """
-        if self._dataEnded or self._fenced is not None:
+        if self._fenced is not None:
+            return
+        if self._dataEnded:
+            # The client's dot came, but a backend still to answer DATA has
+            # not had its own, and its 354 may take a command timeout: that
+            # is longer than the barrier gives a silent node.
+            for session in self.sessions.values():
+                if not session.dotSent:
+                    session.fail(Fenced(why))
             return
         self._fenced = why
         self._why = "fenced: %s" % (why,)

@@ -215,6 +215,10 @@ class DatabaseRouting(service.Service):
         @see: L{twisted.application.service.IService.stopService}
         """
         service.Service.stopService(self)
+        # The sessions still draining must not go on routing by a table
+        # this node no longer follows: the barrier counts a silent node out
+        # after its lease, whatever the drain's grace period.
+        self._state.fence("the proxy is stopping")
         self._stopping.set()
         for check in self._checks:
             if check.running:
@@ -268,7 +272,10 @@ class DatabaseRouting(service.Service):
             sent = self._workers.routing.sendRoutes(generation, False, encodeChanges(changes))
 
         def done(_):
-            if self._state.generation == generation:
+            # Every process has this generation or a later one in force;
+            # waiting for the latest to be acknowledged would never move
+            # while changes keep coming.
+            if self.inForce is None or generation > self.inForce:
                 self.inForce = generation
 
         sent.addCallback(done)
@@ -317,11 +324,14 @@ class DatabaseRouting(service.Service):
             return
         self._reporting = True
         try:
+            # Read before the transactions: a worker may begin one under an
+            # older table until it has the new one, and a generation read
+            # afterwards could vouch for a table it did not route by.
+            inForce = self.inForce
             oldest = self._state.oldest()
             if self._workers is not None and self._workers.processes:
                 theirs = yield self._workers.routing.oldest()
                 oldest = min([g for g in [oldest, theirs] if g is not None], default=None)
-            inForce = self.inForce
             if inForce is not None:
                 self._snapshot = (inForce, oldest, self._state.fenced is not None)
         finally:

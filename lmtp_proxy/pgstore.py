@@ -25,7 +25,6 @@ and a node that has read generation G has seen every change up to G.
 """
 
 import re
-from urllib.parse import parse_qsl, urlsplit
 
 from lmtp_proxy.routing import REJECT
 
@@ -52,28 +51,29 @@ class StoreError(Exception):
 
 def redact(uri):
     """
-    C{uri} without its password (in the authority or a C{password}
-    parameter), fit for a log line or an error message.
+    What of C{uri} may be shown in a log line or an error message: the
+    fields libpq parses from it, without C{password} or C{sslpassword}.
+
+    Only libpq's own parser can tell where a password ends (a "#", "/" or
+    "?" in it moves the boundaries), so a URI it cannot parse, or one that
+    seems to hold a password libpq did not find as one, is not shown.
     """
+    hidden = "(routing.database not shown)"
     try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "postgresql://(unparsable URI)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = userinfo + "@" + hostport
-    query = parts.query
-    if query:
-        query = "&".join(
-            "%s=%s" % (k, "***" if k == "password" else v)
-            for k, v in parse_qsl(query, keep_blank_values=True)
-        )
-    # Not urlunsplit: it drops the "//" of an empty authority.
-    text = "%s://%s%s" % (parts.scheme, netloc, parts.path)
-    return text + ("?" + query if query else "")
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(uri)
+    except Exception:
+        return hidden
+    scheme, separator, rest = uri.partition("://")
+    userinfo = rest.rpartition("@")[0] if separator else ""
+    if ":" in userinfo and "password" not in params:
+        return hidden
+    return " ".join(
+        "%s=%s" % (key, value)
+        for key, value in sorted(params.items())
+        if key not in ("password", "sslpassword")
+    )
 
 
 def _oneLine(error):
@@ -128,6 +128,9 @@ def connect(config, autocommit=False, application="lmtp-proxy"):
         kwargs["password"] = password
     try:
         return psycopg.connect(config.routing_database, **kwargs)
+    except psycopg.ProgrammingError:
+        # libpq's message about a URI it cannot parse quotes the URI.
+        raise StoreError("routing.database is not a valid libpq URI") from None
     except psycopg.Error as e:
         raise StoreError(
             "cannot connect to %s: %s" % (redact(config.routing_database), _oneLine(e))

@@ -15,6 +15,7 @@ from lmtp_proxy.client import (
     BackendLost,
     BackendProtocolError,
     BackendTimeout,
+    BackendTLSFailed,
     BackendUnavailable,
     connectBackend,
 )
@@ -29,6 +30,7 @@ FAILURE_REASONS = {
     BackendLost: "lost",
     BackendProtocolError: "protocol",
     BackendAuthFailed: "auth",
+    BackendTLSFailed: "tls",
 }
 
 

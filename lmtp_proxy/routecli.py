@@ -34,7 +34,10 @@ from lmtp_proxy import cli
 from lmtp_proxy.cli import PROG, CommandError, _err, _out, _subParser, loadConfig
 from lmtp_proxy.routing import REJECT
 
-DEFAULT_TIMEOUT = cli.DEFAULT_RELOAD_TIMEOUT
+# Longer than the barrier needs to count out a silent node with the
+# default lease (10 s) and data_timeout (300 s): lease + data_timeout + a
+# margin (lmtp_proxy.barrier.countOutAfter).
+DEFAULT_TIMEOUT = 600
 _BAD_KEY = re.compile(r"\A\Z|\s|@\Z")
 
 

@@ -29,7 +29,7 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, protocol, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHandshakeListener, ITCPTransport
-from twisted.mail.imap4 import IllegalClientResponse, PLAINCredentials
+from twisted.mail.imap4 import PLAINCredentials
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.protocols.policies import TimeoutMixin
@@ -165,9 +165,10 @@ class _LineFeeder:
 
     def refuse(self, result):
         """
-        See L{ITransaction.refuse}: the messages are discarded.
+        See L{ITransaction.refuse}: the messages are discarded, once.
         """
-        for message in self.messages:
+        messages, self.messages = self.messages, []
+        for message in messages:
             message.connectionLost()
 
 
@@ -407,7 +408,7 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
                 del buf[:]
                 if not self._skipping:
                     self._skipping = True
-                    self._send(LINE_TOO_LONG)
+                    self._refuseLongLine()
             return False
         line = bytes(buf[:end])
         del buf[: end + 1]
@@ -416,7 +417,7 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             self._skipping = False
             return True
         if len(line) > MAX_COMMAND_LINE:
-            self._send(LINE_TOO_LONG)
+            self._refuseLongLine()
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -425,6 +426,16 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         else:
             self._command(line)
         return True
+
+    def _refuseLongLine(self):
+        """
+        Refuse a command line over L{MAX_COMMAND_LINE}; an AUTH exchange it
+        was part of is over, so the next line is a command again.
+        """
+        if self.mode is SASL:
+            self.mode = COMMAND
+            self._sasl = None
+        self._send(LINE_TOO_LONG)
 
     def _command(self, line):
         try:
@@ -491,7 +502,7 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         """
         RFC 2033 4.1: name ourselves and list the extensions.
         """
-        if not argument:
+        if not argument or _CONTROL.search(argument):
             return reply(501, "5.5.4 Syntax: LHLO hostname")
         self._resetTransaction()
         self._greeted = True
@@ -645,6 +656,9 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self._resetTransaction()
         self._greeted = False
         self._helo = (b"", self._helo[1])
+        # RFC 3207 4.2: what the client said in clear (XCLIENT, XFORWARD)
+        # is forgotten too.
+        self._identity = None
         self._startTLS(options)
         return None
 
@@ -691,7 +705,10 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             return reply(504, "5.5.4 Unrecognized authentication type")
         initial = initial.strip()
         if initial:
-            # RFC 4954 4: "=" is an empty initial response.
+            # The initial response answers the first challenge, which is
+            # then never sent (as twisted.mail's ext_AUTH does); RFC 4954 4:
+            # "=" is an empty initial response.
+            self._sasl.getChallenge()
             return self._saslAnswer(b"" if initial == "=" else initial.encode("ascii"))
         return self._challenge()
 
@@ -717,7 +734,9 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             return reply(501, "5.0.0 Authentication aborted")
         try:
             credentials.setResponse(binascii.a2b_base64(encoded, strict_mode=True))
-        except (binascii.Error, IllegalClientResponse):
+        except Exception:
+            # Bad base64, a malformed PLAIN response, or more responses
+            # than the mechanism has challenges: the exchange is over.
             self._sasl = None
             return reply(501, "5.5.2 Error: cannot decode the AUTH response")
         if credentials.moreChallenges():
@@ -871,8 +890,7 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             transaction.startData(self._pause, self._resume)
         header = self.delivery.receivedHeader(self._helo, self._origin, self._users)
         if header:
-            # twisted.mail's own header is one "line" holding "\n\t".
-            self._relay(b"\r\n".join(header.splitlines()) + b"\r\n")
+            self._relay(_headerLines(header))
         self.mode = DATA
         return reply(354, "Start mail input; end with <CRLF>.<CRLF>")
 
@@ -1116,10 +1134,12 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         if self._origin is None:
             return
         messages = self._messages
+        refused = self._dataError is not None
         self._resetEnvelope()
         if self._lmtpDelivery:
             self.delivery.abortTransaction(why)
-        elif messages is not None:
+        elif messages is not None and not refused:
+            # A refused message's plain messages were discarded already.
             for message in messages:
                 message.connectionLost()
 
@@ -1155,6 +1175,25 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
                 return reply(501, "5.5.4 Bad parameter value for %s" % (key,))
             params.append((key.encode("ascii"), _toBytes(token)))
         return _Command(address, params)
+
+
+def _headerLines(header):
+    """
+    A delivery's trace header as whole, dot-stuffed CRLF lines for the
+    message. C{twisted.mail}'s own header is one "line" holding "\n\t"
+    (trap S6), so a line ends at LF or CRLF; any other control character
+    (a bare CR above all, which a backend could take as a line end) becomes
+    "?", so nothing in a name the client chose can end the header or the
+    message early.
+    """
+    lines = []
+    for line in header.replace(b"\r\n", b"\n").split(b"\n"):
+        line = _HEADER_CONTROL.sub(b"?", line)
+        lines.append(b"." + line if line.startswith(b".") else line)
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+_HEADER_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _longestLineOver(body, limit):
@@ -1195,6 +1234,7 @@ class LMTPServerFactory(smtp.SMTPFactory):
     """
 
     noisy = False
+    protocol = LMTPServer
     log = Logger()
 
     def __init__(self, portal, reactor, getConfig, outbox=None):

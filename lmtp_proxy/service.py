@@ -15,6 +15,9 @@ and these children, started in this order and stopped in the reverse one:
     1): the extra serving processes, started once the listener is bound;
   - C{"reload"} (L{Reloader}): reloads, on SIGUSR1 or from the control
     socket;
+  - C{"routing"} (L{lmtp_proxy.pgsource.DatabaseRouting}, only with
+    C{routing.database}): follows the routing database, renews this node's
+    lease and fences it when the lease runs out (and when it stops);
   - C{"notify"} (L{lmtp_proxy.notify.NotifyService}): tells systemd the
     proxy is ready once every other child has started, and that it stops
     before any other child stops.
@@ -146,8 +149,9 @@ class ProxyService(service.MultiService):
         self.reloader.setServiceParent(self)
         self.routing = None
         if loaded.routing_database is not None:
-            # With the database source, the routing table is the database's. Imported only
-            # then: psycopg is the optional 'postgresql' extra.
+            # With the database source, the routing table is the
+            # database's. Imported only then: psycopg is the optional
+            # 'postgresql' extra.
             from lmtp_proxy.pgsource import DatabaseRouting
 
             self.routing = DatabaseRouting(reactor, self.state, self.workers)
@@ -421,6 +425,18 @@ class Reloader(service.Service):
 
         def loaded(result):
             new, table, summary, data = result
+            moved = [
+                key
+                for key in ("routing_database", "routing_table", "routing_password_file")
+                if getattr(old, key) != getattr(new, key)
+            ]
+            if moved:
+                # The table in force would be replaced by one from another
+                # source (an empty one, for the database): refused whole.
+                raise configuration.ConfigError(
+                    new.source, None, "routing",
+                    "changing the routing source (%s) needs a restart" % (", ".join(moved),),
+                )
             if old.routing_database is not None:
                 # The database source owns the table and its
                 # generation; a reload changes the rest.

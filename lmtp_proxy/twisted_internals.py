@@ -19,6 +19,8 @@ The items:
   - L{proxyHeaderFactory} and L{ProxyHeaderWrapper}: a HAProxy PROXY
     header read with Twisted's own parser before the session begins
     (C{tests.test_twisted_internals.ProxyHeaderTests}).
+  - L{discardLineBuffer}: dropping the unread part of a
+    C{LineOnlyReceiver}'s input (C{tests.test_twisted_internals.LineBufferTests}).
 """
 
 from twisted.internet import tcp, unix
@@ -132,6 +134,21 @@ class _QuietUNIXPort(unix.Port):
 
     def _logConnectionLostMsg(self):
         pass
+
+
+def discardLineBuffer(receiver):
+    """
+    Drop what a L{twisted.protocols.basic.LineOnlyReceiver} has read but not
+    yet split into lines: after a backend's 220 to STARTTLS, bytes that came
+    with it in clear are not the backend's (RFC 3207 4.2), and the next
+    bytes are TLS.
+
+    Relies on C{LineOnlyReceiver} keeping its unsplit input in the private
+    C{_buffer} (bytes) and reading it again on the next C{dataReceived}.
+    C{tests.test_twisted_internals.LineBufferTests.test_partialLineDropped}
+    fails first when that changes.
+    """
+    receiver._buffer = b""
 
 
 def listenUNIXQuietly(reactor, address, factory, mode):

@@ -57,6 +57,15 @@ class ParseTests(unittest.TestCase):
         """
         self.assertRaises(BadAttribute, parseAttributes, "ADDR=mx.example", XCLIENT_ATTRIBUTES)
 
+    def test_controlCharacterRefused(self):
+        """
+        A value whose xtext decodes to a CR or LF is refused: it would end
+        the header line or command it goes into early.
+        """
+        self.assertRaises(
+            BadAttribute, parseAttributes, "HELO=a+0D+0AX-Injected:+20yes", XCLIENT_ATTRIBUTES
+        )
+
     def test_unknownName(self):
         """
         An attribute the command does not take is refused (TTL is XCLIENT's

@@ -288,11 +288,17 @@ class ConfigTests(unittest.TestCase):
 
     def test_redact(self):
         """
-        L{redact} hides the password of a URI, in the authority or a
-        parameter.
+        L{redact} shows what libpq parses from a URI without its password,
+        in the authority or a parameter, and nothing of a URI whose
+        password libpq cannot tell apart.
         """
-        self.assertEqual(redact("postgresql://u:pw@h/db?x=1"), "postgresql://u:***@h/db?x=1")
-        self.assertEqual(redact("postgresql:///db?password=pw&host=/s"), "postgresql:///db?password=***&host=/s")
+        self.assertEqual(redact("postgresql://u:pw@h/db"), "dbname=db host=h user=u")
+        self.assertEqual(
+            redact("postgresql:///db?password=pw&host=/s&sslpassword=k"), "dbname=db host=/s"
+        )
+        self.assertEqual(redact("postgresql://u:pa#ss@h"), "host=h user=u")
+        for uri in ("postgresql://u:pa/ss@h/d", "postgresql://u:S3cret%zz@h", "postgresql://u:pw@h/db?x=1"):
+            self.assertEqual(redact(uri), "(routing.database not shown)")
 
 
 class YAMLEditTests(unittest.TestCase):
@@ -495,7 +501,7 @@ class DatabaseCommandTests(DatabaseMixin, unittest.TestCase):
             os.path.join(self.dir, "nowhere"),))
         status, out, err = lmtpProxy("users", "list", "-c", path)
         self.assertEqual(status, 1)
-        self.assertIn("lmtp:***@", err)
+        self.assertIn("user=lmtp", err)
         self.assertNotIn("Sup3rSecret", out + err)
 
     def test_barrierWithoutNodes(self):
@@ -1118,6 +1124,27 @@ class FencedDeliveryTests(unittest.TestCase):
         self.assertEqual(self.backend.messages, [])
 
 
+    @defer.inlineCallbacks
+    def test_dotNotYetAtBackendDropped(self):
+        """
+        Fenced after the client's final dot but before a slow backend
+        answered DATA (so before the backend had its own dot): the backend
+        transaction is dropped and the recipient gets 451, since the
+        backend could otherwise store the message a command timeout later.
+        """
+        self.backend.actions["DATA"] = "hang"
+        client = yield self.proxy.connect(self)
+        client.send(
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<u@a.test>\r\nDATA\r\nbody\r\n.\r\n"
+        )
+        yield waitUntil(lambda: b"DATA" in self.backend.verbs())
+        self.proxy.state.fence("lease expired")
+        replies = yield client.waitReplies(6)
+        self.assertEqual(replies[-1][:9], "451 4.3.0")
+        yield waitUntil(lambda: not self.backend.open)
+        self.assertEqual(self.backend.messages, [])
+
+
 class RouteCommandTests(DatabaseMixin, unittest.TestCase):
     """
     C{lmtp-proxy route} with the database source.
@@ -1149,7 +1176,7 @@ class CheckCommandTests(unittest.TestCase):
             f.write(BASE + 'routing:\n  database: "postgresql://lmtp:Sup3rSecret@/mail?host=/run/postgresql"\n')
         status, out, err = lmtpProxy("check", "-c", path)
         self.assertEqual(status, 0, err)
-        self.assertIn("users: in postgresql://lmtp:***@/mail?host=/run/postgresql, table lmtp_routes", out)
+        self.assertIn("users: in dbname=mail host=/run/postgresql user=lmtp, table lmtp_routes", out)
         self.assertNotIn("Sup3rSecret", out + err)
 
 

@@ -1871,6 +1871,20 @@ class PlainDeliveryTests(unittest.TestCase):
         for message in self.plain.messages.values():
             self.assertEqual((message.lost, message.ended), (True, False))
 
+    def test_refusedThenLeftLosesMessagesOnce(self):
+        """
+        A message refused mid-DATA (here a bare LF) and then abandoned by
+        the client tells each plain message C{connectionLost} once: Twisted's
+        own file messages remove their file, and a second call would fail.
+        """
+        lost = []
+        self.session.send(envelope([b"x@a.test"]))
+        message = self.plain.messages[b"x@a.test"]
+        message.connectionLost = lambda: lost.append(1)
+        self.session.send(b"bare\nLF\r\nmore\r\n")
+        self.session.transport.loseConnection()
+        self.assertEqual(lost, [1])
+
     def test_trapS12_bytesRefusalText(self):
         """
         Trap S12: an L{smtp.SMTPBadRcpt} whose response is L{bytes} still
@@ -1894,3 +1908,24 @@ class PlainDeliveryTests(unittest.TestCase):
             self.plain.messages[b"x@a.test"].lines,
             [b"Received: from c", b"\tby proxy.test", b"no colon here"],
         )
+
+    def test_receivedHeaderCannotEndMessage(self):
+        """
+        A bare CR in a delivery's header becomes "?" and a header line that
+        begins with a dot is dot-stuffed, so no name in a header can end a
+        line, or the message, at a backend.
+        """
+        self.plain.header = b"Received: from evil\r.\rRSET\n.\n\tby proxy.test"
+        self.session.send(envelope([b"x@a.test"]) + b"body\r\n.\r\n")
+        self.assertEqual(
+            self.plain.messages[b"x@a.test"].lines,
+            [b"Received: from evil?.?RSET", b".", b"\tby proxy.test", b"body"],
+        )
+
+    def test_lhloControlCharacterRefused(self):
+        """
+        An LHLO name with a control character (a bare CR) is refused with
+        501, so it never reaches a trace header.
+        """
+        self.session.send(b"LHLO evil\r.\rRSET\r\n")
+        self.assertEqual(self.session.codes(), [220, 501])

@@ -223,6 +223,35 @@ class SASLTests(TLSCase):
         self.assertEqual(replies, ["235 2.7.0 Authentication successful"])
 
     @defer.inlineCallbacks
+    def test_authLoginInitialResponse(self):
+        """
+        AUTH LOGIN with the name as initial response asks for the password
+        only (as Python's smtplib sends it).
+        """
+        proxy = self.proxy(auth={"users_file": self.usersFile})
+        client = yield proxy.connect(self)
+        yield self.startTLS(client)
+        replies = yield exchange(
+            client, b"AUTH LOGIN " + base64.b64encode(b"postfix") + b"\r\n", 1
+        )
+        self.assertEqual(replies, ["334 UGFzc3dvcmQ6"])
+        replies = yield exchange(client, base64.b64encode(PASSWORD.encode()) + b"\r\n", 1)
+        self.assertEqual(replies, ["235 2.7.0 Authentication successful"])
+
+    @defer.inlineCallbacks
+    def test_longLineEndsAuthExchange(self):
+        """
+        A response line over the command line limit ends the AUTH exchange:
+        the next line is a command again, not a response.
+        """
+        proxy = self.proxy(auth={"users_file": self.usersFile})
+        client = yield proxy.connect(self)
+        yield self.startTLS(client)
+        yield exchange(client, b"AUTH LOGIN\r\n", 1)
+        replies = yield exchange(client, b"A" * 5000 + b"\r\nNOOP\r\n", 2)
+        self.assertEqual([r[:3] for r in replies], ["500", "250"])
+
+    @defer.inlineCallbacks
     def test_authRequired(self):
         """
         With auth.required, MAIL before AUTH gets 530 5.7.0.
@@ -272,6 +301,31 @@ class SASLTests(TLSCase):
         replies = yield client.waitReplies(start + 2)
         self.assertEqual(replies[start:], ["535 5.7.8 Error: authentication failed"] * 2)
         self.assertEqual(backend.connections, 0)
+
+
+class UnknownLoginTests(unittest.TestCase):
+    """
+    A login name that does not exist costs a full bcrypt check, as a wrong
+    password does, so the time of the answer says nothing about which part
+    was wrong.
+    """
+
+    def test_unknownNameChecksARealHash(self):
+        """
+        For an unknown name a real hash of the users file's cost is checked
+        (an invalid one would be refused by bcrypt at once).
+        """
+        import bcrypt
+
+        from lmtp_proxy import access
+
+        checked = []
+        real = bcrypt.checkpw
+        self.patch(bcrypt, "checkpw", lambda p, h: checked.append(h) or real(p, h))
+        self.assertFalse(access._verify(None, b"guess", 4))
+        [hashed] = checked
+        self.assertTrue(hashed.startswith(b"$2b$04$"))
+        self.assertEqual(len(hashed), 60)
 
 
 class FailureDelaysTests(unittest.TestCase):

@@ -11,9 +11,14 @@ import stat
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.trial import unittest
 
-from lmtp_proxy.twisted_internals import adoptSharedUNIXPort, listenUNIXQuietly
+from lmtp_proxy.twisted_internals import (
+    adoptSharedUNIXPort,
+    discardLineBuffer,
+    listenUNIXQuietly,
+)
 from tests.support import liveSocket, unixPath
 
 
@@ -181,3 +186,28 @@ class ProxyHeaderTests(unittest.TestCase):
         wrapper.dataReceived(b"PROXY TCP4 192.0.2.5 127.0.0.1 4000 24\r\n\x16\x03\x01")
         self.assertEqual(layer.events, [("data", b"\x16\x03\x01")])
         self.assertEqual(recorder.events, [("header", "192.0.2.5")])
+
+
+class LineBufferTests(unittest.TestCase):
+    """
+    L{discardLineBuffer} drops the part of a line a C{LineOnlyReceiver} is
+    holding.
+    """
+
+    def test_partialLineDropped(self):
+        """
+        After L{discardLineBuffer}, the bytes of an unfinished line are gone:
+        the next input starts a new line.
+        """
+        lines = []
+
+        class Receiver(LineOnlyReceiver):
+            def lineReceived(self, line):
+                lines.append(line)
+
+        receiver = Receiver()
+        receiver.makeConnection(StringTransport())
+        receiver.dataReceived(b"one\r\nin clear, unfinished")
+        discardLineBuffer(receiver)
+        receiver.dataReceived(b"two\r\n")
+        self.assertEqual(lines, [b"one", b"two"])
