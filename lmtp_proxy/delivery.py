@@ -599,7 +599,9 @@ class Transaction:
         @raise RecipientRefused: at once, for a recipient without a route or
             routed to C{reject}.
         """
-        if self.delivery.state.fenced is not None:
+        state = self.delivery.state
+        state.checkLease()
+        if state.fenced is not None:
             self.delivery.metrics.rcptReply("none", FENCED.code)
             self._outcome(user.dest.raw, None, FENCED)
             raise RecipientRefused(user, FENCED)
@@ -700,6 +702,7 @@ class Transaction:
         """
         if self._dataEnded:
             return
+        self.delivery.state.checkLease()
         if self._fenced is not None:
             self.refuse(FENCED)
             return

@@ -30,6 +30,7 @@ from zope.interface import implementer
 from lmtp_proxy.interfaces import IRoutingSource
 from lmtp_proxy.pgstore import Store, StoreError, connect, failed, redact
 from lmtp_proxy.routing import REJECT, Route, RoutingTable
+from lmtp_proxy.state import LEASE_EXPIRED
 
 # Seconds between two looks at the lease, and between two reports of what
 # this node has in force to the database thread.
@@ -42,7 +43,6 @@ NOTIFY_POLL = 0.05
 BACKOFF = (0.25, 4.0)
 
 NOT_LOADED = "routing table not loaded from the database yet"
-LEASE_EXPIRED = "lease on the routing database expired"
 
 
 @implementer(IRoutingSource)
@@ -295,6 +295,8 @@ class DatabaseRouting(service.Service):
 
     def _renewedAt(self, sentAt):
         self._renewed = sentAt
+        self._state.leaseClock = self._clock
+        self._state.leaseDeadline = sentAt + self.config.lease
         if self._workers is not None:
             self._workers.routing.sendLease(sentAt + self.config.lease)
         # A heartbeat that took longer than the lease to be acknowledged

@@ -23,8 +23,9 @@ import time
 
 from twisted.internet import defer, task
 
-from lmtp_proxy.pgsource import LEASE_CHECK, LEASE_EXPIRED, NOT_LOADED, LiveTable, decodeChanges
+from lmtp_proxy.pgsource import LEASE_CHECK, NOT_LOADED, LiveTable, decodeChanges
 from lmtp_proxy.reloader import inThread
+from lmtp_proxy.state import LEASE_EXPIRED
 
 TAGS = (b"dbroutes", b"dblease", b"dboldest")
 
@@ -95,6 +96,8 @@ class WorkerRouting:
         def renew(_):
             self._deadline = deadline
             state = self.state
+            state.leaseClock = self._clock
+            state.leaseDeadline = deadline
             if deadline <= self._clock():
                 if state.fenced is None:
                     state.fence(LEASE_EXPIRED)

@@ -459,6 +459,25 @@ class _Interrupted(Exception):
     pass
 
 
+def _runSync(command, env):
+    """
+    Run the sync command in a process group of its own and return its exit
+    status. A move interrupted meanwhile stops the whole group, not only the
+    shell: a copy left running would go on writing to the new store, and
+    would hold this command's output open.
+    """
+    sync = subprocess.Popen(command, shell=True, env=env, start_new_session=True)
+    try:
+        return sync.wait()
+    except BaseException:
+        try:
+            os.killpg(sync.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        sync.wait()
+        raise
+
+
 def _currentRoute(config, key):
     if config.routing_database is not None:
         store = _store(config)
@@ -537,7 +556,7 @@ def moveCommand(args: Sequence[str]) -> int:
                 LMTP_PROXY_TO=options.to,
             )
             _out(f"sync: {options.sync}")
-            status = subprocess.run(options.sync, shell=True, env=env).returncode
+            status = _runSync(options.sync, env)
             if status != 0:
                 raise stranded(f"the sync command exited with status {status}")
         # 4 and 5: the new backend, in force everywhere.

@@ -10,6 +10,9 @@ from twisted.internet import defer
 from lmtp_proxy.routing import RoutingTable
 
 
+LEASE_EXPIRED = "lease on the routing database expired"
+
+
 class DrainTimeout(Exception):
     """
     Transactions begun under an older table were still running when the
@@ -38,6 +41,10 @@ class ProxyState:
         # ones a fence must stop.
         self.fenced = None
         self._live = set()
+        # With the database source: when (on leaseClock, monotonic) this
+        # node's lease runs out, or None.
+        self.leaseDeadline = None
+        self.leaseClock = None
 
     @property
     def transactions(self):
@@ -122,6 +129,17 @@ class ProxyState:
         self.fenced = why
         for transaction in list(self._live):
             transaction.fence(why)
+
+    def checkLease(self):
+        """
+        Fence now if the lease ran out. Called where a route is used (at
+        RCPT and at the final dot): the periodic check runs late when the
+        reactor is busy, and Twisted handles ready input before overdue
+        timers.
+        """
+        deadline = self.leaseDeadline
+        if deadline is not None and self.fenced is None and self.leaseClock() > deadline:
+            self.fence(LEASE_EXPIRED)
 
     def unfence(self):
         """
