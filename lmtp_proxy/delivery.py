@@ -215,12 +215,7 @@ class BackendSession:
                 except BackendError as e:
                     client.abort()
                     self.client = None
-                    if (
-                        isinstance(e, BackendLost)
-                        and self._reused
-                        and attempt == 0
-                        and not self._aborted
-                    ):
+                    if self._pooledConnectionLost(e, attempt):
                         continue
                     self.failure = e.reply
                     return self.failure
@@ -240,14 +235,7 @@ class BackendSession:
                 except BackendError as e:
                     sent.addErrback(lambda failure: None)
                     self.client = None
-                    if (
-                        isinstance(e, BackendLost)
-                        and self._reused
-                        and attempt == 0
-                        and not self._aborted
-                    ):
-                        # A pooled connection the backend closed while idle
-                        # (not one this transaction dropped itself).
+                    if self._pooledConnectionLost(e, attempt):
                         self._mailSent = False
                         continue
                     self.failure = e.reply
@@ -263,6 +251,19 @@ class BackendSession:
                     return self.failure
             result = yield sent.addCallbacks(self._rcptAnswered, self._rcptFailed)
             return result
+
+    def _pooledConnectionLost(self, error, attempt):
+        """
+        Whether C{error} is a pooled connection that the backend closed
+        while it was idle (not one this transaction dropped itself), which
+        earns the first RCPT one more try on a new connection.
+        """
+        return (
+            isinstance(error, BackendLost)
+            and self._reused
+            and attempt == 0
+            and not self._aborted
+        )
 
     def _rcptAnswered(self, result):
         if result.positive:

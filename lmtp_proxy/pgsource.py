@@ -341,6 +341,22 @@ class DatabaseRouting(service.Service):
 
     # -- the database thread --
 
+    def _catchUp(self, store, generation):
+        """
+        In the database thread: hand the reactor what changed since
+        C{generation} (the whole table when the changes log no longer goes
+        back that far).
+
+        @return: the generation now in the database.
+        """
+        latest, changes = store.changesSince(generation)
+        if changes is None:
+            latest, users = store.load()
+            self._call(self._loaded, latest, users)
+        elif changes:
+            self._call(self._changed, latest, changes)
+        return latest
+
     def _call(self, f, *args):
         self._reactor.callFromThread(f, *args)
 
@@ -407,13 +423,7 @@ class DatabaseRouting(service.Service):
                 or _significant(snapshot) != _significant(lastSent)
             )
             if notified or beat:
-                latest, changes = store.changesSince(generation)
-                if changes is None:
-                    latest, users = store.load()
-                    self._call(self._loaded, latest, users)
-                elif changes:
-                    self._call(self._changed, latest, changes)
-                generation = latest
+                generation = self._catchUp(store, generation)
             if beat:
                 sentAt = self._clock()
                 inForce, oldest, fenced = snapshot if snapshot is not None else (0, None, True)
@@ -426,11 +436,5 @@ class DatabaseRouting(service.Service):
                 # counted this node out read the nodes table before this
                 # heartbeat, so its generation is at most the one read now,
                 # which is in force before the renewal below unfences.
-                latest, changes = store.changesSince(generation)
-                if changes is None:
-                    latest, users = store.load()
-                    self._call(self._loaded, latest, users)
-                elif changes:
-                    self._call(self._changed, latest, changes)
-                generation = latest
+                generation = self._catchUp(store, generation)
                 self._call(self._renewedAt, sentAt)
