@@ -87,20 +87,34 @@ class NotifyService(service.Service):
 
     name = "notify"
 
-    def __init__(self, notifier, describe):
+    def __init__(self, notifier, describe, serving=None):
         """
         @param notifier: a L{Notifier}.
         @param describe: returns the C{STATUS=} text.
+        @param serving: a L{Deferred} that fires once the proxy delivers
+            (the database source's first table), or C{None} when it does
+            as soon as it listens: units ordered after this one (the MTA)
+            start only then.
         """
         self._notifier = notifier
         self._describe = describe
+        self._serving = serving
 
     def startService(self):
         """
         See L{twisted.application.service.IService.startService}.
         """
         service.Service.startService(self)
-        self._notifier.ready(self._describe())
+        if self._serving is None:
+            self._notifier.ready(self._describe())
+            return
+
+        def serving(result):
+            if self.running:
+                self._notifier.ready(self._describe())
+            return result
+
+        self._serving.addCallback(serving)
 
     def stopService(self):
         """

@@ -173,6 +173,9 @@ class DatabaseRouting(service.Service):
         self.inForce = None
         self._renewed = None
         self._loadedOnce = False
+        # Fires when the node first delivers: the table loaded and the
+        # lease renewed (systemd's READY=1 waits for it).
+        self.serving = defer.Deferred()
         self._stopping = threading.Event()
         self._thread = None
         self._checks = []
@@ -303,6 +306,8 @@ class DatabaseRouting(service.Service):
         # renews nothing: the lease runs from when it was sent.
         if self._state.fenced is not None and self._clock() - sentAt < self.config.lease:
             self._state.unfence()
+            if not self.serving.called:
+                self.serving.callback(None)
             self.log.info(
                 "routing table in force (generation {generation}): delivering again",
                 generation=self._state.generation,

@@ -157,7 +157,9 @@ class ProxyService(service.MultiService):
             self.routing = DatabaseRouting(reactor, self.state, self.workers)
             self.routing.setServiceParent(self)
         NotifyService(
-            notifier, lambda: "serving, generation %d" % (self.state.generation,)
+            notifier,
+            lambda: "serving, generation %d" % (self.state.generation,),
+            None if self.routing is None else self.routing.serving,
         ).setServiceParent(self)
 
     def status(self):

@@ -9,7 +9,7 @@ import time
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from lmtp_proxy.notify import Notifier
+from lmtp_proxy.notify import Notifier, NotifyService
 from tests.support import FakeBackend, unixPath
 from tests.test_service import RunningProxy
 
@@ -91,6 +91,28 @@ class NotifierTests(unittest.TestCase):
         """
         Notifier(unixPath(self)).notify("READY=1")
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+class ServingTests(unittest.TestCase):
+    """
+    L{NotifyService} with a C{serving} Deferred (the database source's
+    first table) says READY=1 only once it fires.
+    """
+
+    def test_readyWaitsForServing(self):
+        """
+        Nothing is sent at start; READY=1 follows when the proxy delivers.
+        """
+        path = unixPath(self)
+        sock = notifySocket(self, path)
+        serving = defer.Deferred()
+        notifyService = NotifyService(
+            Notifier.fromEnvironment({"NOTIFY_SOCKET": path}), lambda: "serving", serving
+        )
+        notifyService.startService()
+        self.assertEqual(received(sock), [])
+        serving.callback(None)
+        self.assertEqual(received(sock), [["READY=1", "STATUS=serving"]])
 
 
 class ServiceNotifyTests(unittest.TestCase):
