@@ -304,8 +304,7 @@ def settle(sinks, expected, timeout=5.0):
 
 class DovecotProxy:
     """Dovecot 2.3 LMTP proxy (lmtp_proxy = yes) routing by passwd-file
-    passdbs that return proxy=y host=127.0.0.1 port=N, as
-    shared/peers/dovecot-lmtp-proxy.sh does.  Runs in the foreground
+    passdbs that return proxy=y host=127.0.0.1 port=N.  Runs in the foreground
     (dovecot -F) so its master PID is our child's PID."""
 
     def __init__(self, workdir, users, domains, name="dovecot", port=None):

@@ -92,7 +92,7 @@ class DashboardTests(unittest.TestCase):
         }
         self.assertEqual(sorted(self.families - used), [])
 
-    def test_panelsTheIssueAsksFor(self):
+    def test_panelsForAMigration(self):
         """
         Recipients/s per backend and outcome, the deferral rate, latency
         percentiles, in flight, generation and reloads each have a panel.

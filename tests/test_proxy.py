@@ -711,7 +711,7 @@ class ClientLeavesTests(unittest.TestCase):
         client = yield proxy.connect(self)
         client.send(data)
         yield waitUntil(until)
-        # SO_LINGER 0: the close is a reset, as the client did.
+        # SO_LINGER 0: the close is a reset, as an MTA killed mid-session sends.
         client.transport.getHandle().setsockopt(
             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
         )

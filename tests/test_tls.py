@@ -601,7 +601,7 @@ class SecurityConfigTests(TLSCase):
 
     def test_keys(self):
         """
-        Every key of the issue is read, the nested ones into flat settings.
+        Every TLS and access key is read, the nested ones into flat settings.
         """
         config = configuration.load(self.write(
             "config:\n"
