@@ -172,6 +172,10 @@ class DatabaseRouting(service.Service):
         self.connected = None
         self.inForce = None
         self._renewed = None
+        # The lease recorded with the last acknowledged heartbeat: the one
+        # the barrier counts this node out by, whatever a reload made of
+        # config.lease since.
+        self._lease = None
         self._loadedOnce = False
         # Fires when the node first delivers: the table loaded and the
         # lease renewed (systemd's READY=1 waits for it).
@@ -233,11 +237,11 @@ class DatabaseRouting(service.Service):
     def _checkLease(self):
         if self._state.fenced is not None or self._renewed is None:
             return
-        if self._clock() - self._renewed > self.config.lease:
+        if self._clock() - self._renewed > self._lease:
             self.log.error(
                 "routing database not reached for {lease:g} s (lease): "
                 "refusing every recipient with 451 until it is",
-                lease=self.config.lease,
+                lease=self._lease,
             )
             self._fence(LEASE_EXPIRED)
 
@@ -292,19 +296,20 @@ class DatabaseRouting(service.Service):
         self._workers._ask(worker, header, self._workers.ANSWER_TIME, payload, tag=b"dbroutes")
         if self._renewed is not None and self._state.fenced is None:
             self._workers._ask(
-                worker, "dblease %r" % (self._renewed + self.config.lease,),
+                worker, "dblease %r" % (self._renewed + self._lease,),
                 self._workers.ANSWER_TIME, tag=b"dblease",
             )
 
-    def _renewedAt(self, sentAt):
+    def _renewedAt(self, sentAt, lease):
         self._renewed = sentAt
+        self._lease = lease
         self._state.leaseClock = self._clock
-        self._state.leaseDeadline = sentAt + self.config.lease
+        self._state.leaseDeadline = sentAt + lease
         if self._workers is not None:
-            self._workers.routing.sendLease(sentAt + self.config.lease)
+            self._workers.routing.sendLease(sentAt + lease)
         # A heartbeat that took longer than the lease to be acknowledged
         # renews nothing: the lease runs from when it was sent.
-        if self._state.fenced is not None and self._clock() - sentAt < self.config.lease:
+        if self._state.fenced is not None and self._clock() - sentAt < lease:
             self._state.unfence()
             if not self.serving.called:
                 self.serving.callback(None)
@@ -442,4 +447,4 @@ class DatabaseRouting(service.Service):
                 # heartbeat, so its generation is at most the one read now,
                 # which is in force before the renewal below unfences.
                 generation = self._catchUp(store, generation)
-                self._call(self._renewedAt, sentAt)
+                self._call(self._renewedAt, sentAt, config.lease)

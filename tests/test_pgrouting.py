@@ -1056,18 +1056,29 @@ class LeaseTests(unittest.TestCase):
         The node starts fenced and delivers once a heartbeat is renewed.
         """
         self.state.fence("not loaded")
-        self.routing._renewedAt(self.now[0])
+        self.routing._renewedAt(self.now[0], 10.0)
         self.assertIsNone(self.state.fenced)
 
     def test_leaseExpiryFences(self):
         """
         No renewal for C{lease} seconds fences the node.
         """
-        self.routing._renewedAt(self.now[0])
+        self.routing._renewedAt(self.now[0], 10.0)
         self.now[0] += 9.9
         self.routing._checkLease()
         self.assertIsNone(self.state.fenced)
         self.now[0] += 0.2
+        self.routing._checkLease()
+        self.assertIsNotNone(self.state.fenced)
+
+    def test_leaseOfTheHeartbeatCounts(self):
+        """
+        The lease that runs is the one recorded with the last acknowledged
+        heartbeat (the one the barrier counts this node out by), not a
+        longer one a reload put in the configuration since.
+        """
+        self.routing._renewedAt(self.now[0], 2.0)
+        self.now[0] += 2.5
         self.routing._checkLease()
         self.assertIsNotNone(self.state.fenced)
 
@@ -1077,7 +1088,7 @@ class LeaseTests(unittest.TestCase):
         ago) does not unfence the node.
         """
         self.state.fence("lease expired")
-        self.routing._renewedAt(self.now[0] - 11)
+        self.routing._renewedAt(self.now[0] - 11, 10.0)
         self.assertIsNotNone(self.state.fenced)
 
 
