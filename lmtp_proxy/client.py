@@ -62,6 +62,14 @@ class BackendUnavailable(BackendError):
     summary = "backend unavailable"
 
 
+class BackendBusy(BackendUnavailable):
+    """
+    The backend answered the connection, with a refusal instead of its
+    greeting (421 "too many connections"): it is up, so this does not count
+    toward marking it down.
+    """
+
+
 class BackendTimeout(BackendError):
     """
     The backend did not answer in time.
@@ -264,7 +272,7 @@ class LMTPClient(LineOnlyReceiver):
             # The backend is closing the connection. Passed on, a 421 would
             # tell the client that *its* session is closing.
             greeting = self._waiters[0] is self._greetingWaiter
-            error = BackendUnavailable if greeting else BackendLost
+            error = BackendBusy if greeting else BackendLost
             return self._fail(error("backend said %s" % (result,)))
         waiter = self._waiters.popleft()
         self._inFlight = max(0, self._inFlight - 1)
@@ -338,7 +346,7 @@ class LMTPClient(LineOnlyReceiver):
         """
         greeting = yield self.greeting
         if greeting.code != 220:
-            raise BackendUnavailable("greeting %d" % (greeting.code,))
+            raise BackendBusy("greeting %d" % (greeting.code,))
         self.hostname = hostname.encode("ascii", "replace")
         yield self._lhlo()
         if starttls is not None:

@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 
 from lmtp_proxy.client import (
     BackendAuthFailed,
+    BackendBusy,
     BackendError,
     BackendLost,
     BackendProtocolError,
@@ -24,6 +25,11 @@ from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.recorder import NO_METRICS
 
 # The C{reason} label of a failed connection, by its error.
+# Failures that show the backend up (it answered, and refused or spoke
+# wrongly): they do not count toward backend_failures, which is for
+# connections that fail or time out.
+_NOT_DOWN = (BackendBusy, BackendAuthFailed, BackendProtocolError)
+
 FAILURE_REASONS = {
     BackendUnavailable: "unreachable",
     BackendTimeout: "timeout",
@@ -99,7 +105,8 @@ class BackendPool:
         def failed(failure):
             failure.trap(BackendError)
             error = failure.value
-            health.failed(backend.name, config.backend_failures, config.backend_retry)
+            if not isinstance(error, _NOT_DOWN):
+                health.failed(backend.name, config.backend_failures, config.backend_retry)
             self._failures[backend] = (
                 self._reactor.seconds(),
                 "%s: %s" % (error.summary, error.detail),

@@ -196,28 +196,52 @@ class FailFastTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_downThenBack(self):
         """
-        After two refused greetings the third recipient gets 451 4.4.1
-        without a connection; after C{backend_retry} one probe connects and
-        the backend is used again.
+        After two greetings that never came the third recipient gets 451
+        4.4.1 without a connection; after C{backend_retry} one probe
+        connects and the backend is used again.
         """
         backend = FakeBackend(self)
-        backend.greeting = b"421 busy\r\n"
+        backend.greeting = None
         proxy = Proxy(
             self,
-            {"backend_failures": 2, "backend_retry": 0.3},
+            {"backend_failures": 2, "backend_retry": 0.3, "connect_timeout": 0.2},
             {"a": backend.entry},
             {"@a.test": "a"},
         )
-        for expected in (1, 2, 2):
+        # A greeting that never comes is a timeout (4.4.2), or 4.4.1 once
+        # the backend is down; the third recipient costs no connection.
+        for expected, code in ((1, "451 4.4."), (2, "451 4.4."), (2, "451 4.4.1")):
             client = yield proxy.connect(self)
             replies = yield exchange(client, transaction([b"x@a.test"]), 5)
-            self.assertTrue(replies[2].startswith("451 4.4.1"), replies[2])
+            self.assertTrue(replies[2].startswith(code), replies[2])
             self.assertEqual(backend.connections, expected)
         backend.greeting = b"220 fake.test LMTP ready\r\n"
         yield task.deferLater(reactor, 0.35, lambda: None)
         client = yield proxy.connect(self)
         replies = yield exchange(client, transaction([b"x@a.test"]), 6)
         self.assertEqual(replies[4][:3], "250")
+        self.assertFalse(proxy.pool.health.isDown("a"))
+
+    @defer.inlineCallbacks
+    def test_busyGreetingDoesNotMarkDown(self):
+        """
+        A backend that answers every connection with 421 is up, only busy:
+        each recipient gets its own 451 4.4.1 and a new connection is tried
+        each time, rather than the backend marked down.
+        """
+        backend = FakeBackend(self)
+        backend.greeting = b"421 busy\r\n"
+        proxy = Proxy(
+            self,
+            {"backend_failures": 2, "backend_retry": 30},
+            {"a": backend.entry},
+            {"@a.test": "a"},
+        )
+        for expected in (1, 2, 3):
+            client = yield proxy.connect(self)
+            replies = yield exchange(client, transaction([b"x@a.test"]), 5)
+            self.assertTrue(replies[2].startswith("451 4.4.1"), replies[2])
+            self.assertEqual(backend.connections, expected)
         self.assertFalse(proxy.pool.health.isDown("a"))
 
     @defer.inlineCallbacks
