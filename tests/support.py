@@ -316,3 +316,20 @@ def liveSocket(testcase, path):
     live.bind(path)
     live.listen(5)
     return live
+
+
+def fullBacklog(testcase):
+    """
+    A listening socket whose accept queue is full: connections to it hang
+    until they time out (a black-holed backend on loopback).
+    """
+    full = socket.socket()
+    testcase.addCleanup(full.close)
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(full.getsockname())
+        testcase.addCleanup(filler.close)
+    return {"host": "127.0.0.1", "port": full.getsockname()[1]}

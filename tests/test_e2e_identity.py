@@ -5,13 +5,13 @@ Postfix's XFORWARD, two proxies looping into each other, and a black-holed
 backend. Skipped when a peer is missing, failed under CI=true.
 """
 
-import socket
 import time
 
 from twisted.trial import unittest
 
 from tests import peers
 from tests.lmtpclient import BlockingLMTPClient, lmtpDeliver
+from tests.support import fullBacklog
 from tests.test_e2e_peers import SENDER, proxyConfig
 
 MESSAGE = b"Subject: e2e identity\r\n\r\nhello\r\n"
@@ -161,18 +161,8 @@ class BlackHoleE2ETests(unittest.TestCase):
         about one connect timeout, not one each, and the proxy logs the
         backend down once.
         """
-        full = socket.socket()
-        self.addCleanup(full.close)
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        for _ in range(4):
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(full.getsockname())
-            self.addCleanup(filler.close)
         proxy = peers.Proxy(self, proxyConfig(
-            {"dead": {"host": "127.0.0.1", "port": full.getsockname()[1]}},
-            {"@example.test": "dead"}, connect_timeout=2))
+            {"dead": fullBacklog(self)}, {"@example.test": "dead"}, connect_timeout=2))
         clients = []
         started = time.monotonic()
         for _ in range(8):

@@ -4,7 +4,6 @@ by C{connect_timeout}, and refusing a backend that is our own listener.
 """
 
 import io
-import socket
 from contextlib import redirect_stderr, redirect_stdout
 
 from twisted.internet import defer, reactor, task
@@ -18,7 +17,7 @@ from lmtp_proxy.client import BackendTimeout, BackendUnavailable, LMTPClient
 from lmtp_proxy.health import BackendHealth
 
 from tests.lmtpclient import exchange, transaction
-from tests.support import FakeBackend, Proxy
+from tests.support import FakeBackend, Proxy, fullBacklog
 
 
 def logged(testcase):
@@ -168,23 +167,6 @@ class GreetingTimeoutTests(unittest.TestCase):
         replies = yield exchange(client, transaction([b"x@a.test"]), 5)
         self.assertTrue(replies[2].startswith("451 4.4."), replies[2])
         self.assertTrue(0.4 <= reactor.seconds() - started < 5, reactor.seconds() - started)
-
-
-def fullBacklog(testcase):
-    """
-    A listening socket whose accept queue is full: connections to it hang
-    until they time out (a black-holed backend on loopback).
-    """
-    full = socket.socket()
-    testcase.addCleanup(full.close)
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(full.getsockname())
-        testcase.addCleanup(filler.close)
-    return {"host": "127.0.0.1", "port": full.getsockname()[1]}
 
 
 class FailFastTests(unittest.TestCase):
