@@ -10,8 +10,10 @@ import ipaddress
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from lmtp_proxy.config import ConfigError
@@ -133,12 +135,24 @@ class UsersFileChecker:
     """
 
     credentialInterfaces = (IUsernamePassword,)
+    # A bcrypt check takes about a quarter of a second of one core.
+    THREADS = 2
+    MAX_PENDING = 8
 
     def __init__(self, reactor, getConfig):
         self._reactor = reactor
         self._getConfig = getConfig
         self._config = None
         self._users = {}
+        self._checking = 0
+        self._pool = None
+
+    def _threadPool(self):
+        if self._pool is None:
+            self._pool = ThreadPool(0, self.THREADS, name="lmtp-proxy bcrypt")
+            self._pool.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        return self._pool
 
     def _usersFor(self, config):
         if config is not self._config:
@@ -162,9 +176,21 @@ class UsersFileChecker:
             password = password.encode("utf-8")
         users = self._usersFor(config) if config.auth_users_file else {}
         hashed = users.get(username)
+        if self._checking >= self.MAX_PENDING:
+            # Refused without a check: a flood of AUTH must not queue up
+            # seconds of bcrypt, nor starve the reactor's own thread pool
+            # (name lookups, reloads), which is why the checks have theirs.
+            return defer.fail(CheckerBusy())
+        self._checking += 1
         checking = deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), _verify, hashed, password, _cost(users)
+            self._reactor, self._threadPool(), _verify, hashed, password, _cost(users)
         )
+
+        def done(result):
+            self._checking -= 1
+            return result
+
+        checking.addBoth(done)
 
         def checked(valid):
             if valid and hashed is not None:
@@ -172,6 +198,12 @@ class UsersFileChecker:
             raise UnauthorizedLogin()
 
         return checking.addCallback(checked)
+
+
+class CheckerBusy(Exception):
+    """
+    Too many logins are being checked already; the client may try again.
+    """
 
 
 class FailureDelays:

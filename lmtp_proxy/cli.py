@@ -484,7 +484,11 @@ def statusCommand(args: Sequence[str]) -> int:
     word, _, rest = reply.partition(" ")
     if word != "ok":
         raise CommandError(f"unexpected reply from the control socket {shown}: {reply[:200]!r}")
-    status = json.loads(rest)
+    try:
+        status = json.loads(rest)
+    except ValueError:
+        # A reply cut short (it was longer than the client reads).
+        raise CommandError(f"unreadable status from the control socket {shown}") from None
     if options.json:
         _out(json.dumps(status, indent=2, sort_keys=True))
     else:

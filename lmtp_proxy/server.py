@@ -36,7 +36,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from lmtp_proxy import clientid
-from lmtp_proxy.access import FailureDelays, peerAllowed
+from lmtp_proxy.access import CheckerBusy, FailureDelays, peerAllowed
 from lmtp_proxy.config import ConfigError
 from lmtp_proxy.envelope import Path, Recipient
 from lmtp_proxy.interfaces import (
@@ -766,6 +766,8 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         return reply(235, "2.7.0 Authentication successful")
 
     def _authFailed(self, failure):
+        if failure.check(CheckerBusy):
+            return reply(454, "4.7.0 Temporary authentication failure, try again later")
         if not failure.check(UnauthorizedLogin, UnhandledCredentials):
             # The users file could not be read: not the client's fault.
             self.log.failure("SASL login from {peer} failed", failure, peer=self.peer)

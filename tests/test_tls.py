@@ -328,6 +328,30 @@ class UnknownLoginTests(unittest.TestCase):
         self.assertEqual(len(hashed), 60)
 
 
+class CheckerBusyTests(unittest.TestCase):
+    """
+    The users file checker runs at most a few bcrypt checks at once, in a
+    thread pool of its own.
+    """
+
+    def test_refusedWhenBusy(self):
+        """
+        Past L{UsersFileChecker.MAX_PENDING} checks in progress, a login is
+        refused at once with L{CheckerBusy}, without a check.
+        """
+        from twisted.cred.credentials import UsernamePassword
+        from twisted.internet.task import Clock
+
+        from lmtp_proxy.access import CheckerBusy, UsersFileChecker
+
+        config = configuration.parse("config:\n  socket: /s\n", "<test>")
+        checker = UsersFileChecker(Clock(), lambda: config)
+        checker._checking = checker.MAX_PENDING
+        self.failureResultOf(
+            checker.requestAvatarId(UsernamePassword(b"u", b"p")), CheckerBusy
+        )
+
+
 class FailureDelaysTests(unittest.TestCase):
     """
     L{FailureDelays} makes repeated failures from one address wait longer.
