@@ -52,6 +52,21 @@ _OCTAL = re.compile(r"0(?:[oO][0-7]+|[0-7]*)\Z")
 _BAD_USER_KEY = re.compile(r"\A\Z|\s|@\Z")
 
 
+def isRewriteAddress(address: str) -> bool:
+    """
+    Whether C{address} can stand for a recipient in a backend's RCPT: a
+    mailbox with no blank, control character, angle bracket or empty part,
+    which could end the command early or change its syntax.
+    """
+    return not (
+        _BAD_USER_KEY.search(address)
+        or address.startswith("@")
+        or "<" in address
+        or ">" in address
+        or not address.isprintable()
+    )
+
+
 class ConfigError(Exception):
     """
     A mistake in the configuration.  C{str()} is a single line naming the
@@ -695,14 +710,7 @@ class _Parser:
         if backend == REJECT:
             raise self.error(bnode, f"{path}.backend", f"{REJECT!r} delivers nowhere: an address makes no sense with it")
         address = self.string(anode, f"{path}.address")
-        if (
-            address is None
-            or _BAD_USER_KEY.search(address)
-            or address.startswith("@")
-            or "<" in address
-            or ">" in address
-            or not address.isprintable()
-        ):
+        if address is None or not isRewriteAddress(address):
             raise self.error(anode, f"{path}.address", f"must be an address such as user@example.com, not {_kind(anode)}")
         return (backend, address)
 

@@ -27,6 +27,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from lmtp_proxy.config import isRewriteAddress
 from lmtp_proxy.interfaces import IRoutingSource
 from lmtp_proxy.pgstore import Store, StoreError, connect, failed, redact
 from lmtp_proxy.routing import REJECT, Route, RoutingTable
@@ -53,9 +54,10 @@ class LiveTable(RoutingTable):
     reactor thread only), so a change costs what it changes, not a copy of
     a million routes.
 
-    A route naming a backend the configuration does not define (a row
-    written by hand) is deferred with 4xx, as C{reject} is: the mail waits
-    until the row or the configuration is fixed.
+    A route naming a backend the configuration does not define, or an
+    address that could not stand in a RCPT (rows written by hand), is
+    deferred with 4xx, as C{reject} is: the mail waits until the row or the
+    configuration is fixed.
     """
 
     __slots__ = ("_known",)
@@ -103,7 +105,10 @@ class LiveTable(RoutingTable):
         See L{IRoutingSource.route}.
         """
         route = RoutingTable.route(self, address)
-        if route is not None and route.backend != REJECT and route.backend not in self._known:
+        if route is not None and route.backend != REJECT and (
+            route.backend not in self._known
+            or (route.address is not None and not isRewriteAddress(route.address))
+        ):
             return Route(REJECT, route.key, route.how)
         return route
 

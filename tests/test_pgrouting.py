@@ -78,6 +78,17 @@ class LiveTableTests(unittest.TestCase):
         live = self.table({"a@x": "gone"})
         self.assertEqual(live.route("a@x").backend, REJECT)
 
+    def test_badAddressDeferred(self):
+        """
+        A row whose rewrite address could not stand in a RCPT (a CR, LF or
+        angle bracket written by hand) is routed like C{reject}, so it can
+        never inject a command at a backend.
+        """
+        live = self.table({"a@x": ("old", "b@y\r\nRSET"), "c@x": ("old", "d<@y"), "e@x": ("old", "f@y")})
+        self.assertEqual(live.route("a@x").backend, REJECT)
+        self.assertEqual(live.route("c@x").backend, REJECT)
+        self.assertEqual(live.route("e@x").address, "f@y")
+
     def test_reconfigureFallback(self):
         """
         A reloaded configuration's routing settings reach the live table.
