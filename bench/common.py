@@ -568,10 +568,36 @@ def make_body(size, tag="bench"):
 
 # ------------------------------------------------------------ results file
 
+# A path of the machine a run happened on, once the known prefixes are
+# replaced: the run's scratch directories and anything else under these.
+_WORKDIR = re.compile(r"/tmp/lmtp[a-z]+\.[A-Za-z0-9_]+")
+_MACHINE_PATH = re.compile(r"(?<![\w$])/(?:tmp|work|root|home|opt)/[^\s`'\"|,;)]*")
+
+
+def portable(text, env=os.environ):
+    """
+    C{text} naming no path of the machine it ran on: the venvs become
+    C{$VENV} and C{$BASELINE_VENV}, the repository C{.}, the run's scratch
+    directory C{$WORKDIR}, and any other such path its last part only, so
+    that RESULTS.md reads the same whoever ran it.
+    """
+    for var in ("BASELINE_VENV", "VENV"):
+        value = env.get(var, "").rstrip("/")
+        if value:
+            text = text.replace(value, "$" + var)
+    text = text.replace(REPO + "/", "").replace(REPO, ".")
+    text = _WORKDIR.sub("$WORKDIR", text)
+    return _MACHINE_PATH.sub(
+        lambda m: "<%s>" % (os.path.basename(m.group(0).rstrip("/")) or "path",), text)
+
+
 def update_section(path, name, text):
-    """Replace (or append) the block between <!-- NAME:begin/end --> markers."""
+    """
+    Replace (or append) the block between <!-- NAME:begin/end --> markers,
+    written with L{portable} paths.
+    """
     begin, end = "<!-- %s:begin -->" % name, "<!-- %s:end -->" % name
-    block = "%s\n%s\n%s\n" % (begin, text.rstrip("\n"), end)
+    block = "%s\n%s\n%s\n" % (begin, portable(text).rstrip("\n"), end)
     try:
         with open(path) as f:
             old = f.read()

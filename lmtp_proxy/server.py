@@ -869,6 +869,9 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             return NEED_MAIL
         if not self._builders:
             return NEED_RCPT
+        # Before any backend is sent DATA: a delivery that fails here leaves
+        # nothing half begun.
+        header = self.delivery.receivedHeader(self._helo, self._origin, self._users)
         messages = [builder() for builder in self._builders]
         transactions = []
         plain = []
@@ -890,7 +893,6 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self._skipping = False
         for transaction in transactions:
             transaction.startData(self._pause, self._resume)
-        header = self.delivery.receivedHeader(self._helo, self._origin, self._users)
         if header:
             self._relay(_headerLines(header))
         self.mode = DATA

@@ -1885,6 +1885,19 @@ class PlainDeliveryTests(unittest.TestCase):
         self.session.transport.loseConnection()
         self.assertEqual(lost, [1])
 
+    def test_failingHeaderStartsNothing(self):
+        """
+        A delivery whose C{receivedHeader} fails gets 451 for DATA, and no
+        transaction was told the message begins.
+        """
+        stub = StubDelivery(auto=True)
+        stub.receivedHeader = lambda helo, origin, recipients: 1 / 0
+        session = Session(delivery=stub)
+        session.send(envelope([b"x@a.test"]))
+        self.assertEqual(session.codes()[-1], 451)
+        self.assertFalse(stub.transactions[-1].dataStarted)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     def test_trapS12_bytesRefusalText(self):
         """
         Trap S12: an L{smtp.SMTPBadRcpt} whose response is L{bytes} still
