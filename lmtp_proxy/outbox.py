@@ -11,6 +11,8 @@ nothing is queued ahead, and leaves anything the socket does not take to
 Twisted's own buffering, flow control and error handling.
 """
 
+from twisted.logger import Logger
+
 from lmtp_proxy.twisted_internals import sendOnSocket
 
 
@@ -47,9 +49,12 @@ class Outbox:
     made directly could overtake one waiting here.
     """
 
+    log = Logger()
+
     def __init__(self):
         self._holds = 0
         self._waiting = {}
+        self._after = []
 
     def hold(self):
         """
@@ -62,11 +67,35 @@ class Outbox:
         End one L{hold}; after the last, send what waited.
         """
         self._holds -= 1
-        if self._holds or not self._waiting:
+        if self._holds:
             return
-        waiting, self._waiting = self._waiting, {}
-        for transport, chunks in waiting.items():
-            sendNow(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        try:
+            if self._waiting:
+                waiting, self._waiting = self._waiting, {}
+                for transport, chunks in waiting.items():
+                    sendNow(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        finally:
+            while self._after:
+                after, self._after = self._after, []
+                for call, args, kwargs in after:
+                    try:
+                        call(*args, **kwargs)
+                    except Exception:
+                        self.log.failure("after sending")
+
+    def afterSending(self, call, *args, **kwargs):
+        """
+        Call C{call(*args, **kwargs)} once what waits now has been sent: at
+        the end of the current hold, or at once outside one.
+
+        This keeps work that only reports (a log line) off the path between
+        a backend's reply and the client's; it still runs in the same turn
+        of the reactor, whatever the sending raised.
+        """
+        if self._holds:
+            self._after.append((call, args, kwargs))
+        else:
+            call(*args, **kwargs)
 
     def flush(self, transport):
         """

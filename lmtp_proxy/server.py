@@ -926,14 +926,25 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             return False
         # A dot line ends the message only after a CRLF: after a bare LF
         # that ended the previous piece it is a smuggled end ("\n.\r\n").
+        smuggled = False
         if buf.startswith(b".\r\n") and self._afterCRLF:
             end = 0
         else:
-            end = buf.find(b"\r\n.\r\n", 0, last + 1)
-            end = end + 2 if end >= 0 else -1
+            # One scan finds the end and any other dot line ending in CR.
+            found = _LF_DOT_CR.search(buf, 0, last + 1)
+            if found is None:
+                end = -1
+            else:
+                end = found.start()
+                if buf[end - 1 : end] != b"\r" or buf[end + 3 : end + 4] != b"\n":
+                    smuggled = True
+                    end = buf.find(b"\r\n.\r\n", end, last + 1)
+                    end = end + 2 if end >= 0 else -1
+                else:
+                    end += 1
         body = bytes(buf[: end if end >= 0 else last + 1])
         if self._dataError is None and body:
-            self._checkAndRelay(body)
+            self._checkAndRelay(body, smuggled)
         if end < 0:
             self._afterCRLF = buf[last - 1 : last] == b"\r"
             del buf[: last + 1]
@@ -946,10 +957,22 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self._endOfData()
         return True
 
-    def _checkAndRelay(self, body):
+    def _checkAndRelay(self, body, smuggled):
+        """
+        Relay complete lines of the message unless they are refused.
+
+        @param smuggled: whether the reader already saw a dot line ending
+            in CR that was not the end of the message.
+        """
         config = self.config
-        if body.count(b"\n") != body.count(b"\r\n") or (
-            body.startswith(b".\r") or b"\n.\r" in body or b"\r.\r" in body
+        # The regular expressions' searches for a literal prefix are several
+        # times as fast as bytes.count and bytes.find with a needle of two
+        # or three bytes.
+        if (
+            smuggled
+            or body.count(b"\n") != len(_CRLF.findall(body))
+            or body.startswith(b".\r")
+            or _CR_DOT_CR.search(body) is not None
         ):
             self._refuseData(SMUGGLING)
             return
@@ -1198,6 +1221,12 @@ def _headerLines(header):
 
 
 _HEADER_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+# What a backend could take for the end of the message, or the start of a
+# line, other than the CRLF "." CRLF we take for it.
+_LF_DOT_CR = re.compile(rb"\n\.\r")
+_CR_DOT_CR = re.compile(rb"\r\.\r")
+_CRLF = re.compile(rb"\r\n")
 
 
 def _longestLineOver(body, limit):

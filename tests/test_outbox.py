@@ -239,6 +239,51 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         outbox.release()
         self.assertEqual((a.value(), b.value()), (b"a1 a2", b"b1 "))
 
+    def test_afterSendingRunsOnceTheWritesLeft(self):
+        """
+        During a hold, L{Outbox.afterSending} calls wait for the outermost
+        release, and run after the writes held with them were sent.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        seen = []
+        outbox.hold()
+        outbox.hold()
+        outbox.write(transport, b"250 2.1.5 Ok\r\n")
+        outbox.afterSending(lambda *a, **k: seen.append((transport.value(), a, k)), 1, x=2)
+        outbox.release()
+        self.assertEqual(seen, [])
+        outbox.release()
+        self.assertEqual(seen, [(b"250 2.1.5 Ok\r\n", (1,), {"x": 2})])
+
+    def test_afterSendingOutsideAHoldRunsAtOnce(self):
+        """
+        Outside a hold an L{Outbox.afterSending} call runs at once.
+        """
+        outbox = Outbox()
+        seen = []
+        outbox.afterSending(seen.append, "now")
+        self.assertEqual(seen, ["now"])
+
+    def test_afterSendingRunsWhenSendingFails(self):
+        """
+        A write that raises at the release does not lose the calls waiting
+        for it, nor does one failing call lose the others.
+        """
+
+        class Broken(StringTransport):
+            def write(self, data):
+                raise RuntimeError("broken")
+
+        outbox = Outbox()
+        seen = []
+        outbox.hold()
+        outbox.write(Broken(), b"x")
+        outbox.afterSending(lambda: 1 / 0)
+        outbox.afterSending(seen.append, "logged")
+        self.assertRaises(RuntimeError, outbox.release)
+        self.assertEqual(seen, ["logged"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     @defer.inlineCallbacks
     def test_heldWritesLeaveInOneSend(self):
         """

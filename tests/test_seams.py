@@ -7,6 +7,7 @@ against a fake backend over loopback.
 from twisted.cred.credentials import Anonymous
 from twisted.cred.portal import IRealm
 from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -235,6 +236,37 @@ class RouterTests(unittest.TestCase):
         pending.callback(None)
         builder = yield d
         self.assertEqual(builder().rcptReply.code, 250)
+
+
+class OutcomeLineTests(unittest.TestCase):
+    """
+    A recipient's outcome line is logged after the replies held with it
+    have left.
+    """
+
+    def test_loggedWhenTheHoldEnds(self):
+        """
+        While the outbox is held (the proxy handling one chunk of input),
+        the outcome line waits; the release that sends the replies logs it.
+        """
+        router, _ = routerFor(self, FakeBackend(self))
+        router.validateFrom((b"c", b"h"), sender())
+        lines = []
+
+        def observer(event):
+            if "outcome" in event:
+                lines.append(event["outcome"])
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        outbox = router.delivery.outbox
+        outbox.hold()
+        self.assertRaises(RecipientRefused, router.validateTo, recipient(b"carol@a.test"))
+        self.assertEqual(lines, [])
+        outbox.release()
+        self.assertEqual(len(lines), 1)
+        self.assertIn("to=<carol@a.test>", lines[0])
+        self.assertIn("status=deferred", lines[0])
 
 
 class RoutingSourceTests(unittest.TestCase):

@@ -1060,6 +1060,18 @@ class SmugglingTests(unittest.TestCase):
         """
         self.check(b"y" * 1500 + b"\n.\r\n", lambda data: [data[:1200], data[1200:1501], data[1501:]])
 
+    def test_smuggledDotAndEndInOneRead(self):
+        """
+        A "\\r\\n.\\r" line and the real end in the same read: the message
+        is refused, it ends at the real end, and the command after it runs.
+        """
+        s = Session()
+        s.send(envelope([b"u@a.test"]))
+        s.send(b"x\r\n.\r" + self.SMUGGLED + b".\r\nNOOP\r\n")
+        self.assertEqual(s.codes()[4:], [354, 554, 250])
+        self.assertNotIn(b"evil", s.transaction.body())
+        self.assertEqual(len(s.delivery.transactions), 1)
+
     def test_afterRelayedLines(self):
         """
         Smuggling after lines already relayed still fails the whole message.
