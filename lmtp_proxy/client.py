@@ -31,7 +31,7 @@ from zope.interface import implementer
 from lmtp_proxy.config import ConfigError
 
 from lmtp_proxy.outbox import Outbox
-from lmtp_proxy.twisted_internals import discardLineBuffer
+from lmtp_proxy.twisted_internals import discardLineBuffer, sendRecordsAtOnce, startTLS
 from lmtp_proxy.reply import Reply, reply
 from lmtp_proxy.tls import clientOptionsFor, describeFailure, describeSession
 
@@ -182,6 +182,9 @@ class LMTPClient(LineOnlyReceiver):
             # Nagle would hold back each one behind the previous segment's
             # ACK.
             self.transport.setTcpNoDelay(True)
+        # Under implicit TLS the transport is the TLS layer: its records too
+        # leave as soon as they are written.
+        sendRecordsAtOnce(self.transport)
         timeout = self._commandTimeout
         if self._greetingDeadline is not None:
             timeout = max(0.0, self._greetingDeadline - self._clock.seconds())
@@ -395,7 +398,7 @@ class LMTPClient(LineOnlyReceiver):
             raise BackendTLSFailed("STARTTLS answered %d" % (result.code,))
         self.tls = True
         self._discardClear = True
-        self.transport.startTLS(options)
+        startTLS(self.transport, options)
         yield self._lhlo()
 
     @defer.inlineCallbacks

@@ -48,7 +48,7 @@ from lmtp_proxy.interfaces import (
 from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.reply import Reply, reply
 from lmtp_proxy.tls import describeFailure, describeSession, serverOptionsFor
-from lmtp_proxy.twisted_internals import ProxyHeaderWrapper, proxyHeaderFactory
+from lmtp_proxy.twisted_internals import ProxyHeaderWrapper, proxyHeaderFactory, startTLS
 
 MAX_COMMAND_LINE = 4096
 # Past this much unread pipelined input, stop reading until the replies
@@ -664,7 +664,7 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
 
     def _startTLS(self, options):
         self.tls = True
-        self.transport.startTLS(options)
+        startTLS(self.transport, options)
 
     def handshakeCompleted(self):
         """

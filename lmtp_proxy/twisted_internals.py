@@ -21,6 +21,8 @@ The items:
     (C{tests.test_twisted_internals.ProxyHeaderTests}).
   - L{discardLineBuffer}: dropping the unread part of a
     C{LineOnlyReceiver}'s input (C{tests.test_twisted_internals.LineBufferTests}).
+  - L{startTLS}: a connection's TLS records sent on its socket directly
+    (C{tests.test_outbox.TLSSendTests}).
 """
 
 from twisted.internet import tcp, unix
@@ -53,12 +55,21 @@ def sendOnSocket(transport, data):
         transport must be left to write all of it.
     """
     # getattr's defaults read a missing attribute as "not safe to send".
+    if getattr(transport, "TLS", True):
+        return 0
+    return _sendOnConnection(transport, data)
+
+
+def _sendOnConnection(transport, data):
+    """
+    L{sendOnSocket} for the bytes that go on the wire as they are: plain
+    data, or the records of the connection's own TLS layer.
+    """
     if not (
         isinstance(transport, tcp.Connection)
         and transport.connected
         and not transport.disconnecting
         and not getattr(transport, "_aborting", True)
-        and not getattr(transport, "TLS", True)
         and not transport.dataBuffer
         and not getattr(transport, "_tempDataBuffer", True)
     ):
@@ -68,6 +79,110 @@ def sendOnSocket(transport, data):
     except OSError:
         # Twisted's own write reports the error the same way it always does.
         return 0
+
+
+def startTLS(transport, options):
+    """
+    C{transport.startTLS(options)}, with what is written afterwards
+    encrypted and sent on the socket at once, as L{sendOnSocket} sends
+    plain data.
+
+    Twisted's TLS layer holds each write until the reactor's next turn, to
+    join small writes into one record, and then leaves the record to the
+    connection's C{write}, which the reactor sends on the turn after: two
+    turns, a timer and two C{epoll_ctl} per reply. The L{Outbox} already
+    joins what one chunk of input causes, so both waits only add latency.
+
+    Relies on C{tcp.Connection.startTLS} making the connection's C{protocol}
+    a C{twisted.protocols.tls.BufferingTLSTransport}, whose private
+    C{_aggregator} keeps the unbuffered write as C{_write}, and giving it a
+    private C{twisted.internet._newtls._BypassTLS} transport that writes
+    around the TLS layer. When Twisted changes either, TLS connections are
+    written Twisted's way, slower but still right:
+    C{tests.test_outbox.TLSSendTests.test_sentWhenTheWriteReturns} fails
+    first.
+    """
+    transport.startTLS(options)
+    if isinstance(transport, tcp.Connection):
+        _sendRecordsAtOnce(transport.protocol, transport)
+
+
+def sendRecordsAtOnce(transport):
+    """
+    For a protocol whose C{transport} is a TLS layer wrapped around a TCP
+    connection (C{wrapClientTLS}), what L{startTLS} does: writes encrypted
+    and sent on the socket at once. Nothing for any other transport.
+    """
+    connection = getattr(transport, "transport", None)
+    if isinstance(connection, tcp.Connection):
+        _sendRecordsAtOnce(transport, connection)
+
+
+def _sendRecordsAtOnce(layer, connection):
+    from twisted.internet._newtls import _BypassTLS
+    from twisted.protocols.tls import BufferingTLSTransport, _AggregateSmallWrites
+
+    if not isinstance(layer, BufferingTLSTransport):
+        return
+    below = getattr(layer, "transport", None)
+    aggregator = getattr(layer, "_aggregator", None)
+    if not (
+        (type(below) is _BypassTLS or below is connection)
+        and isinstance(aggregator, _AggregateSmallWrites)
+    ):
+        return
+    sending = layer.transport = _SendingBypass(below, connection)
+    encrypt = aggregator._write
+
+    def write(data):
+        sending.writeThrough(encrypt, data)
+
+    layer.write = write
+    layer.writeSequence = lambda data: write(b"".join(data))
+
+
+class _SendingBypass:
+    """
+    The TLS layer's way to the socket, trying the socket first: otherwise
+    what it replaces (a C{_BypassTLS}, or the connection itself).
+    """
+
+    def __init__(self, bypass, connection):
+        self._bypass = bypass
+        self._connection = connection
+        self._records = None
+
+    def __getattr__(self, name):
+        return getattr(self._bypass, name)
+
+    def write(self, data):
+        if self._records is not None:
+            self._records.append(data)
+        else:
+            self._send(data)
+
+    def writeThrough(self, encrypt, data):
+        """
+        Call C{encrypt(data)}, the TLS layer's own write, and send the
+        records it makes (one per 16 KB) in one piece.
+        """
+        if self._records is not None:
+            # Written from inside another write: its records leave with
+            # that write's.
+            encrypt(data)
+            return
+        self._records = records = []
+        try:
+            encrypt(data)
+        finally:
+            self._records = None
+            if records:
+                self._send(records[0] if len(records) == 1 else b"".join(records))
+
+    def _send(self, data):
+        sent = _sendOnConnection(self._connection, data)
+        if sent < len(data):
+            self._bypass.write(data[sent:] if sent else data)
 
 
 class _SharedUNIXPort(unix.Port):

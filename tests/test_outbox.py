@@ -3,11 +3,15 @@ Tests for L{lmtp_proxy.outbox}: writes that leave for the socket at once,
 joined while input is handled, and never lost or reordered.
 """
 
-from twisted.internet import defer, protocol, reactor
+import socket
+
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from lmtp_proxy.outbox import Outbox, sendNow
+from lmtp_proxy.twisted_internals import sendRecordsAtOnce, startTLS
+from tests.certificates import Authority, requireTLS
 from tests.support import waitUntil
 
 
@@ -299,3 +303,155 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         expected = b"".join(b"250 2.1.5 recipient %d\r\n" % (n,) for n in range(5))
         yield waitUntil(lambda: self.collector.received == expected)
         self.assertEqual(self.collector.chunks, [expected])
+
+
+class _TLSEnd(protocol.Protocol):
+    """
+    Starts TLS as soon as it is connected, with L{startTLS} or Twisted's
+    own C{startTLS}, and keeps what arrives.
+    """
+
+    def __init__(self, options, ours):
+        self.options = options
+        self.ours = ours
+        self.received = b""
+
+    def connectionMade(self):
+        # As the proxy's connections: Nagle would hold a record back until
+        # the peer acknowledged the previous one.
+        self.transport.setTcpNoDelay(True)
+        if self.ours:
+            startTLS(self.transport, self.options)
+        else:
+            self.transport.startTLS(self.options)
+
+    def dataReceived(self, data):
+        self.received += data
+
+
+class TLSSendTests(unittest.TestCase):
+    """
+    L{startTLS} sends the TLS layer's records on the socket at once. These
+    tests fail first when Twisted changes what it relies on.
+    """
+
+    @defer.inlineCallbacks
+    def connect(self):
+        from twisted.internet import ssl
+
+        requireTLS()
+        directory = self.mktemp()
+        authority = Authority(directory)
+        certificate, key = authority.issue("server")
+        with open(certificate, "rb") as c, open(key, "rb") as k:
+            server = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+        with open(authority.caFile, "rb") as f:
+            client = ssl.optionsForClientTLS(
+                "localhost", trustRoot=ssl.Certificate.loadPEM(f.read())
+            )
+        self.server = _TLSEnd(server, ours=True)
+        port = reactor.listenTCP(
+            0, protocol.Factory.forProtocol(lambda: self.server), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        self.client = yield protocol.ClientCreator(reactor, _TLSEnd, client, False).connectTCP(
+            "127.0.0.1", port.getHost().port
+        )
+        self.addCleanup(self._close)
+        # The client's first bytes under TLS arrive once the handshake is
+        # done on both ends.
+        self.client.transport.write(b"ready")
+        yield waitUntil(lambda: self.server.received == b"ready")
+
+    def _close(self):
+        for end in (self.client, self.server):
+            if end.transport is not None:
+                end.transport.abortConnection()
+        return task.deferLater(reactor, 0, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_sentWhenTheWriteReturns(self):
+        """
+        Under TLS, what the protocol writes is encrypted and on the socket
+        when the write returns: the peer's socket can already read it, and
+        nothing waits in the connection for the reactor.
+        """
+        yield self.connect()
+        connection = self.server.transport
+        connection.write(b"250 2.1.0 Ok\r\n")
+        self.assertNotIn(connection, reactor.getWriters())
+        self.assertEqual((connection.dataBuffer, connection._tempDataBuffer), (b"", []))
+        peer = self.client.transport.socket
+        self.assertGreater(len(peer.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)), 0)
+        yield waitUntil(lambda: self.client.received == b"250 2.1.0 Ok\r\n")
+
+    @defer.inlineCallbacks
+    def test_largeWritesArriveWhole(self):
+        """
+        A write larger than the socket takes at once is finished by
+        Twisted, in order, behind what went out directly.
+        """
+        yield self.connect()
+        data = bytes(range(256)) * 16384
+        self.server.transport.write(data)
+        self.server.transport.write(b"tail")
+        yield waitUntil(lambda: len(self.client.received) >= len(data) + 4, timeout=30)
+        self.assertEqual(self.client.received, data + b"tail")
+
+    @defer.inlineCallbacks
+    def test_wrappedConnectionSendsAtOnce(self):
+        """
+        A TLS layer wrapped around a TCP connection from the start (as
+        C{wrapClientTLS} makes) sends its records at once after
+        L{sendRecordsAtOnce}.
+        """
+        from twisted.internet import ssl
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        requireTLS()
+        directory = self.mktemp()
+        authority = Authority(directory)
+        certificate, key = authority.issue("server")
+        with open(certificate, "rb") as c, open(key, "rb") as k:
+            server = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+        self.server = _TLSEnd(server, ours=True)
+        port = reactor.listenTCP(
+            0, protocol.Factory.forProtocol(lambda: self.server), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        with open(authority.caFile, "rb") as f:
+            options = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(f.read()))
+        self.client = _Plain()
+        wrapped = TLSMemoryBIOFactory(
+            options, True, protocol.Factory.forProtocol(lambda: self.client)
+        )
+        yield protocol.ClientCreator(reactor, lambda: wrapped.buildProtocol(None)).connectTCP(
+            "127.0.0.1", port.getHost().port
+        )
+        self.addCleanup(self._close)
+        self.client.transport.write(b"ready")
+        yield waitUntil(lambda: self.server.received == b"ready")
+        self.server.transport.write(b"hello")
+        yield waitUntil(lambda: self.client.received == b"hello")
+        layer = self.client.transport
+        sendRecordsAtOnce(layer)
+        connection = layer.transport
+        self.client.transport.write(b"250 2.1.0 Ok\r\n")
+        self.assertNotIn(connection, reactor.getWriters())
+        peer = self.server.transport.socket
+        self.assertGreater(len(peer.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)), 0)
+        yield waitUntil(lambda: self.server.received == b"ready250 2.1.0 Ok\r\n")
+
+
+class _Plain(protocol.Protocol):
+    """
+    Keeps what arrives; sets no option of its own.
+    """
+
+    received = b""
+
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+
+    def dataReceived(self, data):
+        self.received += data
