@@ -231,6 +231,12 @@ def _metricsModule():
         )
 
 
+# Connections the kernel may hold for the listener before it accepts them
+# (it caps the figure at net.core.somaxconn). Twisted's default of 50 drops
+# the SYNs of a burst of MTA connections, which then wait seconds to retry.
+LISTEN_BACKLOG = 4096
+
+
 class Listener(service.Service):
     """
     Accepts the MTA's connections on the configured socket.
@@ -265,6 +271,7 @@ class Listener(service.Service):
                 self.port = self._reactor.listenUNIX(
                     listen.socket,
                     self._factory,
+                    backlog=LISTEN_BACKLOG,
                     mode=0o666 if listen.permissions is None else listen.permissions,
                 )
                 uid, gid = socketOwner(listen)
@@ -272,7 +279,9 @@ class Listener(service.Service):
                     os.chown(listen.socket, uid, gid)
             else:
                 host, number = listen.socket
-                self.port = self._reactor.listenTCP(number, self._factory, interface=host)
+                self.port = self._reactor.listenTCP(
+                    number, self._factory, backlog=LISTEN_BACKLOG, interface=host
+                )
         except CannotListenError as e:
             # Before the reactor runs, twistd would print a traceback.
             raise SystemExit(

@@ -4,6 +4,7 @@ a unix socket (mode, owner, group, stale and live sockets, files that are
 not sockets), IPv6 loopback and IPv4 TCP.
 """
 
+import errno
 import grp
 import os
 import pwd
@@ -76,6 +77,39 @@ def canConnect(path):
         probe.close()
 
 
+def connectAtOnce(testcase, family, address, count, wait=1.0):
+    """
+    Open C{count} non-blocking connections to C{address} without letting the
+    reactor run (so nothing is accepted), and return how many the kernel
+    completed within C{wait} seconds.
+    """
+    import select
+    import time
+
+    pending = []
+    refused = 0
+    for _ in range(count):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        testcase.addCleanup(s.close)
+        s.setblocking(False)
+        error = s.connect_ex(address)
+        if error == errno.EAGAIN:
+            # A unix socket's full backlog refuses at once.
+            refused += 1
+        elif error == errno.EINPROGRESS:
+            pending.append(s)
+        elif error:
+            raise OSError(error, os.strerror(error))
+    deadline = time.monotonic() + wait
+    while pending and time.monotonic() < deadline:
+        _, writable, _ = select.select([], pending, [], max(0.0, deadline - time.monotonic()))
+        for s in writable:
+            pending.remove(s)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                refused += 1
+    return count - len(pending) - refused
+
+
 def requireRoot():
     if os.getuid() != 0:
         raise unittest.SkipTest("needs root to chown")
@@ -119,6 +153,15 @@ class UnixListenerTests(unittest.TestCase):
         self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
         client = yield connectClient(self, path)
         self.assertEqual(client.replies[0].line[:3], "220")
+
+    def test_burstOfConnectionsQueued(self):
+        """
+        Two hundred clients connecting at once to the unix socket, before
+        the proxy accepts any, are all queued rather than refused.
+        """
+        path = unixPath(self)
+        startService(self, unixListen(path))
+        self.assertEqual(connectAtOnce(self, socket.AF_UNIX, path, 200), 200)
 
     def test_permissions0660(self):
         """
@@ -416,6 +459,17 @@ class TCPListenerTests(unittest.TestCase):
         self.assertEqual((host.host, host.port), ("127.0.0.1", port))
         client = yield connectClient(self, port)
         self.assertEqual(client.replies[0].line[:3], "220")
+
+    def test_burstOfConnectionsQueued(self):
+        """
+        Two hundred clients connecting at once, before the proxy accepts
+        any, are all queued by the kernel: none has its SYN dropped (and
+        waits a second or more to try again), as with Twisted's default
+        backlog of 50.
+        """
+        port = deadPort()
+        startService(self, "  socket: [127.0.0.1, %d]\n" % (port,))
+        self.assertEqual(connectAtOnce(self, socket.AF_INET, ("127.0.0.1", port), 200), 200)
 
     @defer.inlineCallbacks
     def test_ipv6Loopback(self):
