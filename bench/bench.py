@@ -22,8 +22,10 @@ as the extra target "metrics", interleaved likewise; the table gains
 metrics/ours, the noise of both and the cost per message; with --sizes 1024
 for the 1 KB cells only).
 
---tls measures instead the cells with TLS on both sides, ours side by side
-with Dovecot's LMTP proxy configured the same way (bench/tlscells.py), into
+--tls measures instead the cells with TLS on both sides (STARTTLS, or with
+--tls-mode implicit TLS from the first byte), ours side by side with
+Dovecot's LMTP proxy configured the same way, each also without TLS for the
+TLS overhead per message (bench/tlscells.py, bench/starttls_shim.py), into
 the RESULTS.md section "tls".
 
 --identity measures instead the cost of recipient rewriting and XCLIENT:
@@ -83,7 +85,11 @@ def parse_args():
                     help="compare rewriting and XCLIENT on and off (1 KB)")
     ap.add_argument("--tls", action="store_true",
                     help="the cells with TLS on both sides, ours side by side "
-                    "with Dovecot's LMTP proxy (needs stunnel4)")
+                    "with Dovecot's LMTP proxy, each also without TLS")
+    ap.add_argument("--tls-mode", choices=("starttls", "implicit"),
+                    default=env.get("TLS_MODE") or "starttls",
+                    help="with --tls: STARTTLS (default) or TLS from the "
+                    "first byte, on both sides")
     ap.add_argument("--timeout", type=float, default=600,
                     help="max seconds for one smtp-source run")
     a = ap.parse_args()
@@ -92,8 +98,10 @@ def parse_args():
         a.msgs = a.msgs or 300
         a.msgs_large = a.msgs_large or 150
     a.runs = a.runs or 3
-    a.msgs = a.msgs or 3000
-    a.msgs_large = a.msgs_large or 1000
+    # --tls measures four targets per cell, through TLS: fewer messages
+    # keep the full run near 10 minutes.
+    a.msgs = a.msgs or (1000 if a.tls else 3000)
+    a.msgs_large = a.msgs_large or (300 if a.tls else 1000)
     return a
 
 

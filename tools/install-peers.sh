@@ -10,7 +10,6 @@
 #   sasl2-bin      saslpasswd2 (Cyrus's users for that AUTH)
 #   libsasl2-modules    the SASL PLAIN/LOGIN client of Postfix's lmtp
 #   libnet-ssleay-perl  swaks --tls (a --no-install-recommends swaks lacks it)
-#   stunnel4       TLS in front of smtp-source and smtp-sink (bench.py --tls)
 #   postgresql     /usr/lib/postgresql/*/bin/initdb, postgres (the database
 #                  routing source's tests start their own servers; no
 #                  system cluster is created)
@@ -26,14 +25,14 @@
 # duration of the apt run and removed afterwards.
 set -euo pipefail
 
-pkgs=(postfix swaks dovecot-core dovecot-lmtpd cyrus-imapd sasl2-bin libsasl2-modules libnet-ssleay-perl postgresql stunnel4)
+pkgs=(postfix swaks dovecot-core dovecot-lmtpd cyrus-imapd sasl2-bin libsasl2-modules libnet-ssleay-perl postgresql)
 # command (or file) -> package that provides it
 checks=(
     "postfix:postfix" "postqueue:postfix" "smtp-sink:postfix"
     "swaks:swaks"
     "dovecot:dovecot-core" "doveconf:dovecot-core"
     "/usr/lib/dovecot/lmtp:dovecot-lmtpd"
-    "/usr/lib/cyrus/bin/lmtpd:cyrus-imapd" "saslpasswd2:sasl2-bin" "stunnel4:stunnel4"
+    "/usr/lib/cyrus/bin/lmtpd:cyrus-imapd" "saslpasswd2:sasl2-bin"
 )
 export PATH="$PATH:/usr/sbin:/sbin"
 
