@@ -63,7 +63,10 @@ class BackendPool:
         self.metrics = metrics
         self.outbox = Outbox()
         self._idle = defaultdict(list)
+        # Per connection: its expiry timer, and when it last became idle
+        # with the pool_idle_timeout then in force.
         self._timers = {}
+        self._idleSince = {}
         self.health = BackendHealth(reactor)
         # Per backend definition: the connections it handed out, and the
         # last failure to connect since the last success.
@@ -78,7 +81,9 @@ class BackendPool:
         idle = self._idle.get(backend)
         while idle:
             client = idle.pop()
-            self._timers.pop(client).cancel()
+            # Its expiry timer is left to run: it will find the connection
+            # in use and let it be (_expire), which costs less than a cancel
+            # and a new timer per transaction.
             if client.usable:
                 self.metrics.reused(backend.name)
                 return defer.succeed((client, True))
@@ -172,8 +177,9 @@ class BackendPool:
         """
         # This runs while the client still reads the backend's last reply:
         # a stray reply line in the same read must find the connection
-        # failed, not answering the next transaction's MAIL.
-        self._reactor.callLater(0, self._keep, backend, client, config)
+        # failed, not answering the next transaction's MAIL. The outbox is
+        # held for that read and runs this once it is over.
+        self.outbox.afterSending(self._keep, backend, client, config)
 
     def _keep(self, backend, client, config):
         idle = self._idle[backend]
@@ -183,9 +189,11 @@ class BackendPool:
             self._quit(client)
             return
         idle.append(client)
-        self._timers[client] = self._reactor.callLater(
-            config.pool_idle_timeout, self._expire, backend, client
-        )
+        self._idleSince[client] = (self._reactor.seconds(), config.pool_idle_timeout)
+        if client not in self._timers:
+            self._timers[client] = self._reactor.callLater(
+                config.pool_idle_timeout, self._expire, backend, client
+            )
 
     def closeIdle(self):
         """
@@ -193,13 +201,28 @@ class BackendPool:
         """
         for idle in self._idle.values():
             for client in idle:
-                self._timers.pop(client).cancel()
                 self._quit(client)
         self._idle.clear()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._idleSince.clear()
 
     def _expire(self, backend, client):
         del self._timers[client]
-        self._idle[backend].remove(client)
+        idle = self._idle.get(backend, ())
+        if client not in idle:
+            # In use since: the next release starts a timer again.
+            self._idleSince.pop(client, None)
+            return
+        since, timeout = self._idleSince[client]
+        left = since + timeout - self._reactor.seconds()
+        if left > 0:
+            # Used and released again since this timer started.
+            self._timers[client] = self._reactor.callLater(left, self._expire, backend, client)
+            return
+        idle.remove(client)
+        del self._idleSince[client]
         self._quit(client)
 
     @staticmethod
