@@ -103,6 +103,12 @@ def serverOptions(config):
         privateKey=key.original,
         certificate=chain[0].original,
         extraCertChain=[c.original for c in chain[1:]],
+        # A client that kept its session (Postfix's
+        # lmtp_tls_session_cache_database) resumes it instead of a full
+        # handshake per connection, as with Dovecot's and Postfix's own
+        # servers. Tickets keep no state here (Twisted's server-side session
+        # cache, its other way, has a crash on record).
+        enableSessionTickets=True,
     )
     try:
         # Building the context is what checks that the key matches.

@@ -7,7 +7,7 @@ import base64
 import os
 import struct
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -178,6 +178,48 @@ class ListenerTLSTests(TLSCase):
         self.assertTrue(client.replies[0].line.startswith("220 "))
         self.assertNotIn("STARTTLS", " ".join(client.replies[1].lines))
         self.assertEqual(replies[-1], "250 2.0.0 <x@a.test> Saved")
+
+
+class ResumptionTests(TLSCase):
+    """
+    A client that kept its TLS session (Postfix with
+    C{lmtp_tls_session_cache_database}) resumes it on its next connection
+    rather than paying a full handshake again.
+    """
+
+    @defer.inlineCallbacks
+    def test_implicitTLSSessionResumed(self):
+        """
+        The second connection of a client that offers the session of its
+        first is resumed.
+        """
+        import socket
+        import ssl
+
+        proxy = self.proxy(
+            tls={"certificate": self.certificate, "key": self.key, "implicit": True}
+        )
+        port = proxy.address
+        context = ssl.create_default_context(cafile=self.ca.caFile)
+
+        def connect(session):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                    # TLS 1.3 tickets come after the handshake: read the
+                    # greeting and a reply before asking for the session.
+                    tls.sendall(b"LHLO c.test\r\nQUIT\r\n")
+                    data = b""
+                    while b"221" not in data:
+                        chunk = tls.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    return tls.session, tls.session_reused
+
+        first, reused = yield threads.deferToThread(connect, None)
+        self.assertFalse(reused)
+        _, reused = yield threads.deferToThread(connect, first)
+        self.assertTrue(reused)
 
 
 class SASLTests(TLSCase):
