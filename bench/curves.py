@@ -41,7 +41,7 @@ running this script; otherwise it says "no PNG: matplotlib not installed"
 (matplotlib is no dependency of the project).
 
 Environment: VENV (our proxy's venv, default REPO/.venv), WORKERS (our
-proxy's workers; default one per core, as bench.py), STRICT=1 (a curve that
+proxy's workers; default 1, the default shipped, as bench.py), STRICT=1 (a curve that
 is not flat, TARGET MISSED, exits 1 too).
 """
 
@@ -123,7 +123,7 @@ def workers():
     """Our proxy's workers, and where the number comes from."""
     if os.environ.get("WORKERS"):
         return int(os.environ["WORKERS"]), "from WORKERS"
-    return os.cpu_count() or 1, "one per core, as bench.py; WORKERS=N to change"
+    return 1, "the default shipped, as bench.py; WORKERS=N to change"
 
 
 # ------------------------------------------------------------------- Dovecot

@@ -9,6 +9,10 @@
 #                     sessions, added latency per message (median, p99)
 # 3. bench/reload.py  reload of a 100,000-user config: reload time and the
 #                     longest event-loop stall seen by a NOOP ticker
+# 4. bench/bench.py --tls  the matrix with STARTTLS on both sides, ours and
+#                     Dovecot's, each also without TLS (overhead per message)
+# 5. bench/curves.py  cost curves: sessions, recipients, routing-table size,
+#                     message size (and bench/curves.png with matplotlib)
 # Results go to bench/RESULTS.md.  Every server is started by these scripts
 # on 127.0.0.1 and stopped by its own PID (also on error or ^C).
 #
@@ -24,7 +28,10 @@
 #   QUICK=1       small message counts, one run per cell (a few minutes)
 #   NO_PROXY=1    direct and Dovecot only (skips steps 2 and 3)
 #   RUNS, MSGS, MSGS_LARGE   override runs per cell / messages per run
-#   SKIP_MEMORY=1, SKIP_RELOAD=1, SKIP_MATRIX=1
+#   SKIP_MEMORY=1, SKIP_RELOAD=1, SKIP_MATRIX=1, SKIP_TLS=1, SKIP_CURVES=1
+#   WORKERS=N     our proxy's serving processes (default 1, as shipped)
+#   BENCH_PYTHON=PATH  the Python that runs the steps (default python3; one
+#                 with matplotlib makes curves.py draw bench/curves.png)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -58,7 +65,7 @@ on_signal() {
 }
 trap on_signal INT TERM HUP
 step() {
-    python3 "$@" &
+    "${BENCH_PYTHON:-python3}" "$@" &
     child=$!
     wait "$child"
     local st=$?
@@ -76,6 +83,12 @@ if [ -z "$no_proxy" ]; then
     fi
     if [ -z "${SKIP_RELOAD:-}" ]; then
         step "$here/reload.py" ${QUICK:+--quick} || rc=1
+    fi
+    if [ -z "${SKIP_TLS:-}" ]; then
+        step "$here/bench.py" --tls ${QUICK:+--quick} || rc=1
+    fi
+    if [ -z "${SKIP_CURVES:-}" ]; then
+        step "$here/curves.py" ${QUICK:+--quick} || rc=1
     fi
 fi
 if [ $rc -ne 0 ]; then

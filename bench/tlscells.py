@@ -271,7 +271,7 @@ class Dovecot:
 def our_yaml(port, sinkPorts, certs, mode):
     """mode: starttls, implicit or plain."""
     ca, certificate, key = certs
-    workers = int(os.environ.get("WORKERS") or os.cpu_count() or 1)
+    workers = int(os.environ.get("WORKERS") or 1)
     lines = ["config:", "  socket: [127.0.0.1, %d]" % port, "  pool_size: 8",
              "  workers: %d" % workers]
     if mode == "starttls":
