@@ -862,10 +862,10 @@ class Transaction:
             to = "to=<%(rcpt)s>, rewritten=<%(rewritten)s>"
         # Formatted here with %: a format string with a field per item costs
         # the logger's formatter several times as much, once per recipient.
-        # The observers (twistd's formats the time of each line) run once
-        # the replies this turn owes have left.
-        self.delivery.outbox.afterSending(
-            self.delivery.log.info,
+        # Logged before the reply leaves (the outbox holds it until this
+        # input is handled), so a crash never loses the line of a recipient
+        # the MTA was told about.
+        self.delivery.log.info(
             "{outcome}",
             outcome=(
                 "%(txid)s: " + to + ", backend=%(backend)s, client=%(client)s, "
