@@ -88,9 +88,10 @@ class Outbox:
         Call C{call(*args, **kwargs)} once what waits now has been sent: at
         the end of the current hold, or at once outside one.
 
-        This keeps work that only reports (a log line) off the path between
-        a backend's reply and the client's; it still runs in the same turn
-        of the reactor, whatever the sending raised.
+        For what must wait until the input being handled is done with (a
+        backend connection goes back to the pool only once the read that
+        released it is over); it still runs in the same turn of the
+        reactor, whatever the sending raised.
         """
         if self._holds:
             self._after.append((call, args, kwargs))
