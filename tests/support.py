@@ -12,6 +12,7 @@ import tempfile
 import yaml
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 
 from lmtp_proxy import config as configuration
@@ -333,3 +334,22 @@ def fullBacklog(testcase):
         filler.connect_ex(full.getsockname())
         testcase.addCleanup(filler.close)
     return {"host": "127.0.0.1", "port": full.getsockname()[1]}
+
+
+def outcomeLines(testcase):
+    """
+    Collect the per-recipient outcome lines logged while C{testcase} runs.
+    """
+    lines = []
+
+    def observer(event):
+        if "outcome" in event:
+            lines.append(event["outcome"])
+
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return lines
+
+
+def outcomesFor(lines, address):
+    return [line for line in lines if "to=<%s>" % (address,) in line]

@@ -335,13 +335,16 @@ class TLSSendTests(unittest.TestCase):
     tests fail first when Twisted changes what it relies on.
     """
 
-    @defer.inlineCallbacks
-    def connect(self):
+    def listen(self):
+        """
+        A CA, and a server end (L{startTLS}) listening on 127.0.0.1.
+
+        @return: the client's TLS options and the port number.
+        """
         from twisted.internet import ssl
 
         requireTLS()
-        directory = self.mktemp()
-        authority = Authority(directory)
+        authority = Authority(self.mktemp())
         certificate, key = authority.issue("server")
         with open(certificate, "rb") as c, open(key, "rb") as k:
             server = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
@@ -354,14 +357,30 @@ class TLSSendTests(unittest.TestCase):
             0, protocol.Factory.forProtocol(lambda: self.server), interface="127.0.0.1"
         )
         self.addCleanup(port.stopListening)
-        self.client = yield protocol.ClientCreator(reactor, _TLSEnd, client, False).connectTCP(
-            "127.0.0.1", port.getHost().port
-        )
+        return client, port.getHost().port
+
+    @defer.inlineCallbacks
+    def handshake(self, connecting):
+        """
+        Wait for the client end C{connecting} gives, and for the handshake:
+        the client's first bytes under TLS arrive once it is done on both
+        ends.
+        """
+        yield connecting
         self.addCleanup(self._close)
-        # The client's first bytes under TLS arrive once the handshake is
-        # done on both ends.
         self.client.transport.write(b"ready")
         yield waitUntil(lambda: self.server.received == b"ready")
+
+    def connect(self):
+        """
+        A TLS connection, started with STARTTLS on both ends.
+        """
+        client, port = self.listen()
+        connecting = protocol.ClientCreator(reactor, _TLSEnd, client, False).connectTCP(
+            "127.0.0.1", port
+        )
+        connecting.addCallback(lambda end: setattr(self, "client", end))
+        return self.handshake(connecting)
 
     def _close(self):
         for end in (self.client, self.server):
@@ -405,32 +424,18 @@ class TLSSendTests(unittest.TestCase):
         C{wrapClientTLS} makes) sends its records at once after
         L{sendRecordsAtOnce}.
         """
-        from twisted.internet import ssl
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        requireTLS()
-        directory = self.mktemp()
-        authority = Authority(directory)
-        certificate, key = authority.issue("server")
-        with open(certificate, "rb") as c, open(key, "rb") as k:
-            server = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
-        self.server = _TLSEnd(server, ours=True)
-        port = reactor.listenTCP(
-            0, protocol.Factory.forProtocol(lambda: self.server), interface="127.0.0.1"
-        )
-        self.addCleanup(port.stopListening)
-        with open(authority.caFile, "rb") as f:
-            options = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(f.read()))
+        options, port = self.listen()
         self.client = _Plain()
         wrapped = TLSMemoryBIOFactory(
             options, True, protocol.Factory.forProtocol(lambda: self.client)
         )
-        yield protocol.ClientCreator(reactor, lambda: wrapped.buildProtocol(None)).connectTCP(
-            "127.0.0.1", port.getHost().port
+        yield self.handshake(
+            protocol.ClientCreator(reactor, lambda: wrapped.buildProtocol(None)).connectTCP(
+                "127.0.0.1", port
+            )
         )
-        self.addCleanup(self._close)
-        self.client.transport.write(b"ready")
-        yield waitUntil(lambda: self.server.received == b"ready")
         self.server.transport.write(b"hello")
         yield waitUntil(lambda: self.client.received == b"hello")
         layer = self.client.transport

@@ -18,6 +18,8 @@ from tests.support import (
     FakeBackend,
     Proxy,
     deadPort,
+    outcomeLines,
+    outcomesFor,
     unixPath,
     waitUntil,
 )
@@ -677,25 +679,6 @@ class ClientAbortTests(unittest.TestCase):
         outcomes = [l for l in lines if "to=<x@a.test>" in l]
         self.assertEqual(len(outcomes), 1)
         self.assertIn("status=aborted (connection closed before the end of the message)", outcomes[0])
-
-
-def outcomeLines(testcase):
-    """
-    Collect the per-recipient outcome lines logged while C{testcase} runs.
-    """
-    lines = []
-
-    def observer(event):
-        if "outcome" in event:
-            lines.append(event["outcome"])
-
-    globalLogPublisher.addObserver(observer)
-    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
-    return lines
-
-
-def outcomesFor(lines, address):
-    return [line for line in lines if "to=<%s>" % (address,) in line]
 
 
 class ClientLeavesTests(unittest.TestCase):

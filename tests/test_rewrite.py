@@ -15,8 +15,7 @@ from lmtp_proxy.reloader import deserialize, serialize
 from lmtp_proxy.routing import Route, RoutingTable, describeRoute, rewriteAddress
 
 from tests.lmtpclient import exchange, transaction
-from tests.support import FakeBackend, Proxy
-from tests.test_proxy import outcomeLines, outcomesFor
+from tests.support import FakeBackend, Proxy, outcomeLines, outcomesFor
 
 REWRITING = """
 config:

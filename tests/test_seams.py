@@ -7,7 +7,6 @@ against a fake backend over loopback.
 from twisted.cred.credentials import Anonymous
 from twisted.cred.portal import IRealm
 from twisted.internet import defer, reactor, task
-from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -29,7 +28,7 @@ from lmtp_proxy.routing import Route, RoutingTable
 from lmtp_proxy.server import _LineFeeder
 from lmtp_proxy.state import ProxyState
 
-from tests.support import FakeBackend, waitUntil
+from tests.support import FakeBackend, outcomeLines, waitUntil
 
 
 def routerFor(testcase, backend, users=None):
@@ -251,14 +250,7 @@ class OutcomeLineTests(unittest.TestCase):
         """
         router, _ = routerFor(self, FakeBackend(self))
         router.validateFrom((b"c", b"h"), sender())
-        lines = []
-
-        def observer(event):
-            if "outcome" in event:
-                lines.append(event["outcome"])
-
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        lines = outcomeLines(self)
         outbox = router.delivery.outbox
         outbox.hold()
         self.addCleanup(outbox.release)
