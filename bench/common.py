@@ -155,6 +155,21 @@ def port_free(port):
         s.close()
 
 
+def wait_port(port, timeout, proc):
+    """Wait until something listens on 127.0.0.1:port (a listener that
+    speaks TLS first has no greeting to wait for)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise Fail("exited with %s" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise Fail("nothing listens on %d after %s s" % (port, timeout))
+
+
 def wait_greeting(port, timeout=15.0, proc=None):
     """Wait until 127.0.0.1:port answers with a 220 greeting."""
     deadline = time.monotonic() + timeout
@@ -305,29 +320,44 @@ def settle(sinks, expected, timeout=5.0):
 class DovecotProxy:
     """Dovecot 2.3 LMTP proxy (lmtp_proxy = yes) routing by passwd-file
     passdbs that return proxy=y host=127.0.0.1 port=N.  Runs in the foreground
-    (dovecot -F) so its master PID is our child's PID."""
+    (dovecot -F) so its master PID is our child's PID.
 
-    def __init__(self, workdir, users, domains, name="dovecot", port=None):
+    settings: the ssl lines of dovecot.conf; listener: more lines for its
+    LMTP listener (e.g. "ssl = yes"); route(port): a user's passdb extra
+    fields (default proxy=y host=127.0.0.1 port=N); extra: appended to
+    dovecot.conf; greets: whether it greets in clear, else only its port is
+    waited for."""
+
+    def __init__(self, workdir, users, domains, name="dovecot", port=None,
+                 settings="ssl = no", listener="", route=None, extra="",
+                 greets=True):
         self.dir = d = os.path.join(workdir, name)
         self.name = name
         for sub in ("run", "state", "log"):
             os.makedirs(os.path.join(d, sub), exist_ok=True)
         self.port = port or free_port()
+        self.log = os.path.join(d, "log", "dovecot.log")
+        route = route or (lambda p: "proxy=y host=127.0.0.1 port=%d" % p)
         with open(os.path.join(d, "routes-users"), "w") as f:
             for u, p in users.items():
-                f.write("%s:::::::proxy=y host=127.0.0.1 port=%d\n" % (u, p))
+                f.write("%s:::::::%s\n" % (u, route(p)))
         with open(os.path.join(d, "routes-domains"), "w") as f:
             for dom, p in domains.items():
-                f.write("%s:::::::proxy=y host=127.0.0.1 port=%d\n" % (dom, p))
+                f.write("%s:::::::%s\n" % (dom, route(p)))
         open(os.path.join(d, "no-local-users"), "w").close()
         self.conf = os.path.join(d, "dovecot.conf")
         with open(self.conf, "w") as f:
-            f.write(DOVECOT_CONF.format(d=d, name=name, port=self.port))
+            f.write(DOVECOT_CONF.format(
+                d=d, name=name, port=self.port, settings=settings, extra=extra,
+                listener="".join("\n    " + line for line in listener.splitlines())))
         subprocess.check_call(["doveconf", "-c", self.conf, "-n"],
                               stdout=subprocess.DEVNULL)
         self.proc = spawn(name, ["dovecot", "-F", "-c", self.conf],
                           os.path.join(d, "log", "dovecot.stderr"))
-        wait_greeting(self.port, 15, self.proc)
+        if greets:
+            wait_greeting(self.port, 15, self.proc)
+        else:
+            wait_port(self.port, 15, self.proc)
 
     def lmtp_pids(self):
         """PIDs of the master and its children (lmtp workers etc.)."""
@@ -344,7 +374,7 @@ log_path = {d}/log/dovecot.log
 info_log_path = {d}/log/dovecot.log
 protocols = lmtp
 listen = 127.0.0.1
-ssl = no
+{settings}
 default_internal_user = dovecot
 default_login_user = dovenull
 auth_mechanisms = plain
@@ -364,7 +394,7 @@ userdb {{
 service lmtp {{
   inet_listener lmtp {{
     address = 127.0.0.1
-    port = {port}
+    port = {port}{listener}
   }}
 }}
 service doveadm {{
@@ -372,7 +402,7 @@ service doveadm {{
     port = 0
   }}
 }}
-"""
+{extra}"""
 
 
 # ------------------------------------------------------------------- proxy

@@ -67,10 +67,6 @@ CURVES = ("sessions", "rcpts", "table", "size")
 KB, MB = 1024, 1024 * 1024
 
 
-def csv(conv):
-    return lambda s: [conv(x) for x in s.split(",") if x]
-
-
 def parse_args():
     env = os.environ
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -78,7 +74,7 @@ def parse_args():
                     default=env.get("QUICK", "") not in ("", "0"),
                     help="short runs, one run per point, tables up to 100k")
     ap.add_argument("--runs", type=int, default=int(env.get("RUNS", 0)) or None)
-    ap.add_argument("--curves", type=csv(str), default=list(CURVES))
+    ap.add_argument("--curves", type=B.csv(str), default=list(CURVES))
     ap.add_argument("--no-dovecot", action="store_true")
     ap.add_argument("--results", default=os.path.join(C.HERE, "RESULTS.md"))
     ap.add_argument("--png", help="default: curves.png next to --results")
@@ -86,12 +82,12 @@ def parse_args():
     ap.add_argument("--seconds", type=float,
                     help="length of a run at the faster target's warm-up "
                     "rate (default 3, quick 1)")
-    ap.add_argument("--sessions", type=csv(int), default=[1, 10, 100, 1000])
-    ap.add_argument("--rcpts", type=csv(int), default=[1, 5, 50])
-    ap.add_argument("--backends", type=csv(int), default=[2, 10])
-    ap.add_argument("--routes", type=csv(int))
-    ap.add_argument("--sources", type=csv(str), default=["yaml", "pg"])
-    ap.add_argument("--sizes", type=csv(int), default=[KB, 100 * KB, 10 * MB])
+    ap.add_argument("--sessions", type=B.csv(int), default=[1, 10, 100, 1000])
+    ap.add_argument("--rcpts", type=B.csv(int), default=[1, 5, 50])
+    ap.add_argument("--backends", type=B.csv(int), default=[2, 10])
+    ap.add_argument("--routes", type=B.csv(int))
+    ap.add_argument("--sources", type=B.csv(str), default=["yaml", "pg"])
+    ap.add_argument("--sizes", type=B.csv(int), default=[KB, 100 * KB, 10 * MB])
     ap.add_argument("--samples", type=int,
                     help="RCPTs per run and table (default 3000, quick 500)")
     ap.add_argument("--timeout", type=float, default=600,
@@ -128,16 +124,16 @@ def workers():
 
 # ------------------------------------------------------------------- Dovecot
 
-# Appended to common.DOVECOT_CONF: one lmtp process per session (Dovecot's
+# Appended to Dovecot's config: one lmtp process per session (Dovecot's
 # client_limit 1 for lmtp), so 1000 sessions need process_limit above the
 # default 100, and auth (client_limit = default_client_limit, 1000) one
 # connection per lmtp process beyond that.
 DOVECOT_LIMITS = """\
 # bench/curves.py: room for 1000 concurrent sessions and the probe
 default_client_limit = 4000
-service lmtp {{
+service lmtp {
   process_limit = 1100
-}}
+}
 """
 DOVECOT_SETTINGS = ("service/lmtp/process_limit", "service/lmtp/client_limit",
                     "default_process_limit", "default_client_limit",
@@ -148,12 +144,7 @@ class CurvesDovecot(C.DovecotProxy):
     """common.DovecotProxy with DOVECOT_LIMITS appended to its config."""
 
     def __init__(self, workdir, users, domains, name):
-        template = C.DOVECOT_CONF
-        C.DOVECOT_CONF = template + DOVECOT_LIMITS
-        try:
-            super().__init__(workdir, users, domains, name=name)
-        finally:
-            C.DOVECOT_CONF = template
+        super().__init__(workdir, users, domains, name=name, extra=DOVECOT_LIMITS)
         done = subprocess.run(["doveconf", "-c", self.conf] + list(DOVECOT_SETTINGS),
                               capture_output=True, text=True)
         self.limits = ", ".join(line.strip() for line in done.stdout.splitlines())
@@ -172,7 +163,7 @@ class CurvesDovecot(C.DovecotProxy):
 
     def warnings(self):
         try:
-            with open(os.path.join(self.dir, "log", "dovecot.log"), errors="replace") as f:
+            with open(self.log, errors="replace") as f:
                 lines = [line.strip() for line in f
                          if ("Warning" in line or "Error" in line or "Fatal" in line)
                          # smtp-sink's LHLO reply has an empty parameter
