@@ -257,7 +257,7 @@ def main():
         [os.path.relpath(sys.argv[0], C.REPO)] + sys.argv[1:])
     envdesc = " ".join("%s=%s" % (k, os.environ[k]) for k in
                        ("QUICK", "NO_PROXY", "VENV", "RUNS", "MSGS", "MSGS_LARGE",
-                        "BASELINE_VENV", "BASELINE_LABEL", "METRICS")
+                        "BASELINE_VENV", "BASELINE_LABEL", "METRICS", "WORKERS")
                        if k in os.environ)
     failures = []
     if a.identity or a.tls:
