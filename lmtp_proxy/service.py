@@ -50,6 +50,7 @@ from lmtp_proxy.reloader import loadAtStart, reloadConfig
 from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import DrainTimeout, ProxyState
 from lmtp_proxy.status import combine, processView
+from lmtp_proxy.twisted_internals import dispatchEventsLightly
 from lmtp_proxy.workers import Workers
 
 
@@ -91,6 +92,7 @@ def makeService(options):
         # twistd only handles UsageError while parsing options; from here
         # anything but SystemExit becomes a traceback.
         raise SystemExit("lmtp-proxy: %s" % (e,))
+    dispatchEventsLightly(reactor)
     return ProxyService(loaded, reactor)
 
 

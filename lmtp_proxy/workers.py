@@ -48,7 +48,7 @@ from lmtp_proxy.reloader import childEnvironment, deserialize, inThread, seriali
 from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import ProxyState
 from lmtp_proxy.status import processView
-from lmtp_proxy.twisted_internals import adoptSharedUNIXPort
+from lmtp_proxy.twisted_internals import adoptSharedUNIXPort, dispatchEventsLightly
 
 FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
 
@@ -505,6 +505,7 @@ def main(argv):
         err.flush()
 
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    dispatchEventsLightly(reactor)
     worker = Worker(reactor, argv[0])
     stdio.StandardIO(WorkerControl(worker), reactor=reactor)
     # SIGTERM or SIGINT (a foreground Ctrl-C reaches every process) drains

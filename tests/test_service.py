@@ -14,7 +14,7 @@ from twisted.logger import globalLogPublisher, formatEvent
 from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
-from lmtp_proxy import reloader
+from lmtp_proxy import reloader, service
 from lmtp_proxy.control import controlAddress
 from lmtp_proxy.service import ProxyService, makeService
 from lmtp_proxy.state import DrainTimeout
@@ -423,6 +423,16 @@ class TreeTests(unittest.TestCase):
             [child.name for child in svc],
             ["sessions", "listener", "control", "reload", "notify"],
         )
+
+    def test_reactorDispatchesLightly(self):
+        """
+        L{makeService} has the reactor twistd runs dispatch its events with
+        L{lmtp_proxy.twisted_internals.dispatchEventsLightly}.
+        """
+        lightened = []
+        self.patch(service, "dispatchEventsLightly", lightened.append)
+        self.build()
+        self.assertEqual(lightened, [reactor])
 
     def test_metricsListener(self):
         """

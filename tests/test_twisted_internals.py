@@ -4,19 +4,23 @@ changes a private name the item relies on. (The direct send is tested by
 L{tests.test_outbox.SendNowTests}.)
 """
 
+import errno
 import os
 import socket
 import stat
 
-from twisted.internet import defer, protocol, reactor
-from twisted.internet.testing import StringTransport
+from twisted.internet import defer, main, protocol, reactor
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python import context, log
 from twisted.trial import unittest
 
 from lmtp_proxy.twisted_internals import (
     adoptSharedUNIXPort,
     discardLineBuffer,
+    dispatchEventsLightly,
     listenUNIXQuietly,
 )
 from tests.support import liveSocket, unixPath
@@ -211,3 +215,143 @@ class LineBufferTests(unittest.TestCase):
         discardLineBuffer(receiver)
         receiver.dataReceived(b"two\r\n")
         self.assertEqual(lines, [b"one", b"two"])
+
+
+class _Readable:
+    """
+    One end of a socket pair, as a reactor's reader: records the log
+    context each read is handled in, and logs a legacy event.
+    """
+
+    def __init__(self, testcase):
+        self.socket, self.peer = socket.socketpair()
+        testcase.addCleanup(self.socket.close)
+        testcase.addCleanup(self.peer.close)
+        self.contexts = []
+        self.why = None
+        self.onLost = None
+
+    def fileno(self):
+        return self.socket.fileno()
+
+    def logPrefix(self):
+        return "Readable,7"
+
+    def doRead(self):
+        self.socket.recv(100)
+        self.contexts.append(dict(context.get(log.ILogContext)))
+        log.msg("read")
+        return self.why
+
+    def connectionLost(self, reason):
+        if self.onLost is not None:
+            self.onLost()
+
+
+class _FailingPoller:
+    def __init__(self, error):
+        self.error = error
+
+    def poll(self, timeout, maxevents):
+        raise OSError(self.error, os.strerror(self.error))
+
+
+class LightDispatchTests(unittest.TestCase):
+    """
+    L{dispatchEventsLightly} makes an epoll reactor dispatch events without
+    C{log.callWithLogger}, in the log context Twisted's own dispatch gives.
+    """
+
+    def epollReactor(self, poller=None):
+        """
+        A new epoll reactor, not installed, that dispatches lightly.
+        """
+        dispatching = EPollReactor()
+        self.addCleanup(dispatching.waker.connectionLost, None)
+        self.addCleanup(dispatching._poller.close)
+        if poller is not None:
+            dispatching._poller = poller
+        self.assertTrue(dispatchEventsLightly(dispatching))
+        return dispatching
+
+    def readable(self, dispatching):
+        """
+        A reader of C{dispatching} with one byte waiting.
+        """
+        reader = _Readable(self)
+        dispatching.addReader(reader)
+        self.addCleanup(dispatching.removeReader, reader)
+        reader.peer.send(b"x")
+        return reader
+
+    def test_withoutCallWithLogger(self):
+        """
+        An event is handled without C{log.callWithLogger}, which Twisted's
+        own dispatch calls for every one.
+        """
+        calls = []
+        self.patch(log, "callWithLogger", lambda *a, **kw: calls.append(a))
+        dispatching = self.epollReactor()
+        reader = self.readable(dispatching)
+        dispatching.doIteration(0)
+        self.assertEqual((len(reader.contexts), calls), (1, []))
+
+    def test_otherReactorsLeftAlone(self):
+        """
+        A reactor that is not the epoll reactor keeps its own dispatch.
+        """
+        other = MemoryReactorClock()
+        self.assertFalse(dispatchEventsLightly(other))
+        self.assertNotIn("doIteration", vars(other))
+
+    def test_systemIsTheLogPrefix(self):
+        """
+        A legacy event logged while an event is handled has the
+        selectable's C{logPrefix} as its C{system}.
+        """
+        events = []
+        log.addObserver(events.append)
+        self.addCleanup(log.removeObserver, events.append)
+        dispatching = self.epollReactor()
+        self.readable(dispatching)
+        dispatching.doIteration(0)
+        self.assertEqual(
+            [event["system"] for event in events if event.get("message") == ("read",)],
+            ["Readable,7"],
+        )
+
+    def test_outerContextKept(self):
+        """
+        What the context around the reactor holds stays in each event's
+        context, as with Twisted's dispatch; C{system} is the selectable's.
+        """
+        dispatching = self.epollReactor()
+        reader = self.readable(dispatching)
+        log.callWithContext({"system": "outer", "extra": 1}, dispatching.doIteration, 0)
+        self.assertEqual(reader.contexts, [{"system": "Readable,7", "extra": 1}])
+
+    def test_escapingErrorLogged(self):
+        """
+        An exception raised while a selectable is disconnected is logged,
+        and the reactor goes on.
+        """
+        dispatching = self.epollReactor()
+        reader = self.readable(dispatching)
+        reader.why = main.CONNECTION_DONE
+        reader.onLost = lambda: 1 / 0
+        dispatching.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_interruptedPollReturns(self):
+        """
+        A poll interrupted by a signal returns to the reactor's loop.
+        """
+        dispatching = self.epollReactor(_FailingPoller(errno.EINTR))
+        self.assertIsNone(dispatching.doIteration(0))
+
+    def test_failedPollRaises(self):
+        """
+        Any other error of the poll is raised, as by Twisted's dispatch.
+        """
+        dispatching = self.epollReactor(_FailingPoller(errno.EBADF))
+        self.assertRaises(OSError, dispatching.doIteration, 0)
