@@ -628,6 +628,8 @@ class TwistdPitfallTests(unittest.TestCase):
         """
         port = deadPort()
         path = writeConfig(self, GOOD_CONFIG.format(port=port))
+        # Trial's reactor keeps Twisted's own dispatch for the tests after.
+        self.patch(proxyservice, "dispatchEventsLightly", lambda reactor: False)
         svc = proxyservice.makeService({"config": path})
         self.assertIsInstance(svc, proxyservice.ProxyService)
         probe = socket.socket()

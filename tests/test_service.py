@@ -390,6 +390,12 @@ class TreeTests(unittest.TestCase):
     L{makeService} builds the proxy as a tree of services, each with one job.
     """
 
+    def setUp(self):
+        # Trial's reactor keeps Twisted's own dispatch: the tests after
+        # these must not run on a reactor that one of them changed.
+        self.lightened = []
+        self.patch(service, "dispatchEventsLightly", self.lightened.append)
+
     def build(self, **settings):
         """
         The service C{makeService} makes of a configuration with
@@ -429,10 +435,8 @@ class TreeTests(unittest.TestCase):
         L{makeService} has the reactor twistd runs dispatch its events with
         L{lmtp_proxy.twisted_internals.dispatchEventsLightly}.
         """
-        lightened = []
-        self.patch(service, "dispatchEventsLightly", lightened.append)
         self.build()
-        self.assertEqual(lightened, [reactor])
+        self.assertEqual(self.lightened, [reactor])
 
     def test_metricsListener(self):
         """

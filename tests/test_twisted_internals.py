@@ -219,70 +219,138 @@ class LineBufferTests(unittest.TestCase):
 
 class _Readable:
     """
-    One end of a socket pair, as a reactor's reader: records the log
-    context each read is handled in, and logs a legacy event.
+    One end of a socket pair, as a reactor's reader: logs a legacy event
+    for each read, and can fail in the ways a selectable can.
     """
 
-    def __init__(self, testcase):
+    def __init__(self, testcase, name, prefix=None, onRead=None, why=None, onLost=None):
         self.socket, self.peer = socket.socketpair()
         testcase.addCleanup(self.socket.close)
         testcase.addCleanup(self.peer.close)
-        self.contexts = []
-        self.why = None
-        self.onLost = None
+        self.name = name
+        self.prefix = name if prefix is None else prefix
+        self.onRead = onRead
+        self.why = why
+        self.onLost = onLost
 
     def fileno(self):
         return self.socket.fileno()
 
     def logPrefix(self):
-        return "Readable,7"
+        if isinstance(self.prefix, BaseException):
+            raise self.prefix
+        return self.prefix
 
     def doRead(self):
         self.socket.recv(100)
-        self.contexts.append(dict(context.get(log.ILogContext)))
-        log.msg("read")
+        log.msg("read " + self.name)
+        if self.onRead is not None:
+            self.onRead()
         return self.why
 
     def connectionLost(self, reason):
+        log.msg("lost " + self.name)
         if self.onLost is not None:
-            self.onLost()
+            raise self.onLost
 
 
-class _FailingPoller:
-    def __init__(self, error):
+class _RecordingPoller:
+    """
+    A poller that records its arguments and has nothing ready, or fails
+    with C{error}.
+    """
+
+    def __init__(self, error=None):
         self.error = error
+        self.calls = []
 
     def poll(self, timeout, maxevents):
-        raise OSError(self.error, os.strerror(self.error))
+        self.calls.append((timeout, maxevents))
+        if self.error is not None:
+            raise OSError(self.error, os.strerror(self.error))
+        return []
+
+
+def _seen(event):
+    """
+    What of a legacy log event the dispatch decides.
+    """
+    failure = event.get("failure")
+    return (
+        event.get("system"),
+        event.get("message"),
+        event.get("isError"),
+        event.get("extra"),
+        event.get("changed"),
+        None if failure is None else type(failure.value).__name__,
+    )
 
 
 class LightDispatchTests(unittest.TestCase):
     """
     L{dispatchEventsLightly} makes an epoll reactor dispatch events without
-    C{log.callWithLogger}, in the log context Twisted's own dispatch gives.
+    C{log.callWithLogger}, with what Twisted's own dispatch logs, raises
+    and leaves in the log context: each case runs through both.
     """
 
-    def epollReactor(self, poller=None):
+    def epollReactor(self, light, poller=None):
         """
-        A new epoll reactor, not installed, that dispatches lightly.
+        A new epoll reactor, not installed: Twisted's dispatch, or the
+        light one.
         """
         dispatching = EPollReactor()
         self.addCleanup(dispatching.waker.connectionLost, None)
         self.addCleanup(dispatching._poller.close)
         if poller is not None:
             dispatching._poller = poller
-        self.assertTrue(dispatchEventsLightly(dispatching))
+        if light:
+            self.assertTrue(dispatchEventsLightly(dispatching))
         return dispatching
 
-    def readable(self, dispatching):
+    def dispatch(self, light, readers):
         """
-        A reader of C{dispatching} with one byte waiting.
+        One turn of a new epoll reactor, inside an outer log context, with
+        the readers C{readers(reactor)} makes each holding a byte.
+
+        @return: the legacy events logged (sorted: readers ready at once
+            come in any order), the name of the exception that escaped,
+            the change in the depth of the context stack and the log
+            context afterwards.
         """
-        reader = _Readable(self)
-        dispatching.addReader(reader)
-        self.addCleanup(dispatching.removeReader, reader)
-        reader.peer.send(b"x")
-        return reader
+        events = []
+        log.addObserver(events.append)
+        self.addCleanup(log.removeObserver, events.append)
+        dispatching = self.epollReactor(light)
+        stack = context.theContextTracker.currentContext().contexts
+        depth = len(stack)
+        escaped = None
+        for reader in readers(dispatching):
+            dispatching.addReader(reader)
+            self.addCleanup(dispatching.removeReader, reader)
+            reader.peer.send(b"x")
+        try:
+            log.callWithContext({"system": "outer", "extra": 1}, dispatching.doIteration, None)
+        except BaseException as e:
+            escaped = type(e).__name__
+        log.removeObserver(events.append)
+        return (
+            sorted(map(_seen, events), key=repr),
+            escaped,
+            len(stack) - depth,
+            dict(context.get(log.ILogContext)),
+        )
+
+    def assertSameAsTwisted(self, readers, *errors):
+        """
+        C{readers} dispatched lightly gives what Twisted's dispatch gives;
+        the errors of the types C{errors} that both logged are flushed.
+        """
+        twisted = self.dispatch(False, readers)
+        light = self.dispatch(True, readers)
+        if errors:
+            self.flushLoggedErrors(*errors)
+        self.assertEqual(light, twisted)
+        return light
 
     def test_withoutCallWithLogger(self):
         """
@@ -291,10 +359,8 @@ class LightDispatchTests(unittest.TestCase):
         """
         calls = []
         self.patch(log, "callWithLogger", lambda *a, **kw: calls.append(a))
-        dispatching = self.epollReactor()
-        reader = self.readable(dispatching)
-        dispatching.doIteration(0)
-        self.assertEqual((len(reader.contexts), calls), (1, []))
+        events, escaped, depth, after = self.dispatch(True, lambda r: [_Readable(self, "a")])
+        self.assertEqual(([event[1] for event in events], calls), ([("read a",)], []))
 
     def test_otherReactorsLeftAlone(self):
         """
@@ -304,54 +370,140 @@ class LightDispatchTests(unittest.TestCase):
         self.assertFalse(dispatchEventsLightly(other))
         self.assertNotIn("doIteration", vars(other))
 
-    def test_systemIsTheLogPrefix(self):
+    def test_eventsOfOneTurn(self):
         """
-        A legacy event logged while an event is handled has the
-        selectable's C{logPrefix} as its C{system}.
+        Every reader ready in one turn is handled, each with its
+        C{logPrefix} as C{system} and the outer context's other items, and
+        the context is as before once the turn is over.
         """
-        events = []
-        log.addObserver(events.append)
-        self.addCleanup(log.removeObserver, events.append)
-        dispatching = self.epollReactor()
-        self.readable(dispatching)
-        dispatching.doIteration(0)
+        events, escaped, depth, after = self.assertSameAsTwisted(
+            lambda r: [_Readable(self, "a"), _Readable(self, "b")]
+        )
         self.assertEqual(
-            [event["system"] for event in events if event.get("message") == ("read",)],
-            ["Readable,7"],
+            [event[:4] for event in events],
+            [("a", ("read a",), 0, 1), ("b", ("read b",), 0, 1)],
+        )
+        self.assertEqual((escaped, depth, after), (None, 0, {"system": "-"}))
+
+    def test_readerRemovedInTheSameTurn(self):
+        """
+        A reader that an earlier event of the same turn removed is not
+        handled.
+        """
+
+        def readers(dispatching):
+            second = _Readable(self, "b")
+            # Ready first (its byte is sent first), so handled first.
+            first = _Readable(self, "a", onRead=lambda: dispatching.removeReader(second))
+            return [first, second]
+
+        events, escaped, depth, after = self.assertSameAsTwisted(readers)
+        self.assertEqual([event[1] for event in events], [("read a",)])
+
+    def test_buggyLogPrefix(self):
+        """
+        A C{logPrefix} that raises is logged, and the event is handled
+        under the name Twisted gives such a selectable.
+        """
+        events, escaped, depth, after = self.assertSameAsTwisted(
+            lambda r: [_Readable(self, "a", prefix=ValueError("prefix"))], ValueError
+        )
+        self.assertIn(("(buggy logPrefix method)", ("read a",), 0, 1, None, None), events)
+
+    def test_errorEscapingTheHandling(self):
+        """
+        An exception raised while a selectable is disconnected is logged
+        with the selectable's C{system}, and the turn goes on.
+        """
+        events, escaped, depth, after = self.assertSameAsTwisted(
+            lambda r: [
+                _Readable(self, "a", why=main.CONNECTION_DONE, onLost=ZeroDivisionError()),
+                _Readable(self, "b"),
+            ],
+            ZeroDivisionError,
+        )
+        self.assertIn(("a", (), 1, 1, None, "ZeroDivisionError"), events)
+        self.assertEqual((escaped, depth), (None, 0))
+
+    def test_errorAfterTheHandlerChangedItsContext(self):
+        """
+        An exception that escapes is logged in the context around the
+        event, not in the one the handler changed.
+        """
+
+        def change():
+            context.get(log.ILogContext)["changed"] = True
+
+        self.assertSameAsTwisted(
+            lambda r: [
+                _Readable(
+                    self, "a", onRead=change, why=main.CONNECTION_DONE, onLost=ZeroDivisionError()
+                )
+            ],
+            ZeroDivisionError,
         )
 
-    def test_outerContextKept(self):
+    def test_systemExitLogged(self):
         """
-        What the context around the reactor holds stays in each event's
-        context, as with Twisted's dispatch; C{system} is the selectable's.
+        A C{SystemExit} raised by a handler is logged, as any other error.
         """
-        dispatching = self.epollReactor()
-        reader = self.readable(dispatching)
-        log.callWithContext({"system": "outer", "extra": 1}, dispatching.doIteration, 0)
-        self.assertEqual(reader.contexts, [{"system": "Readable,7", "extra": 1}])
+        events, escaped, depth, after = self.assertSameAsTwisted(
+            lambda r: [_Readable(self, "a", why=main.CONNECTION_DONE, onLost=SystemExit(2))],
+            SystemExit,
+        )
+        self.assertIsNone(escaped)
 
-    def test_escapingErrorLogged(self):
+    def test_keyboardInterruptRaised(self):
         """
-        An exception raised while a selectable is disconnected is logged,
-        and the reactor goes on.
+        A C{KeyboardInterrupt} raised by a handler stops the turn, and the
+        context is as before.
         """
-        dispatching = self.epollReactor()
-        reader = self.readable(dispatching)
-        reader.why = main.CONNECTION_DONE
-        reader.onLost = lambda: 1 / 0
-        dispatching.doIteration(0)
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        events, escaped, depth, after = self.assertSameAsTwisted(
+            lambda r: [
+                _Readable(self, "a", why=main.CONNECTION_DONE, onLost=KeyboardInterrupt())
+            ]
+        )
+        self.assertEqual((escaped, depth, after), ("KeyboardInterrupt", 0, {"system": "-"}))
+
+    def test_nestedContext(self):
+        """
+        A context a handler opens inside the event's holds for what is
+        logged in it.
+        """
+        events, escaped, depth, after = self.assertSameAsTwisted(
+            lambda r: [
+                _Readable(
+                    self,
+                    "a",
+                    onRead=lambda: log.callWithContext({"system": "inner"}, log.msg, "nested"),
+                )
+            ]
+        )
+        self.assertIn(("inner", ("nested",), 0, 1, None, None), events)
+
+    def pollCalls(self, light, timeout, error=None):
+        poller = _RecordingPoller(error)
+        dispatching = self.epollReactor(light, poller)
+        dispatching.doIteration(timeout)
+        return poller.calls
+
+    def test_pollArguments(self):
+        """
+        The poller is asked as by Twisted's dispatch: no timeout waits for
+        ever (C{-1}), and as many events as there are selectables.
+        """
+        for timeout in (None, 0, 0.25):
+            self.assertEqual(self.pollCalls(True, timeout), self.pollCalls(False, timeout))
 
     def test_interruptedPollReturns(self):
         """
         A poll interrupted by a signal returns to the reactor's loop.
         """
-        dispatching = self.epollReactor(_FailingPoller(errno.EINTR))
-        self.assertIsNone(dispatching.doIteration(0))
+        self.assertEqual(len(self.pollCalls(True, 0, errno.EINTR)), 1)
 
     def test_failedPollRaises(self):
         """
         Any other error of the poll is raised, as by Twisted's dispatch.
         """
-        dispatching = self.epollReactor(_FailingPoller(errno.EBADF))
-        self.assertRaises(OSError, dispatching.doIteration, 0)
+        error = self.assertRaises(OSError, self.pollCalls, True, 0, errno.EBADF)
+        self.assertEqual(error.errno, errno.EBADF)
