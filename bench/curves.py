@@ -57,9 +57,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench as B  # noqa: E402  smtp_source()
+import bench as B  # noqa: E402  smtp_source(), probe_routes()
 import common as C  # noqa: E402
-import scale as S  # noqa: E402  Postgres, user(), node_yaml(), lmtp_proxy(), until_served(), lookup_ns()
+import scale as S  # noqa: E402  Postgres, user(), node_yaml(), lmtp_proxy(), until_served()
 
 FROM = B.FROM
 PROBE_RCPT = "probe@probe.test"
@@ -384,31 +384,9 @@ def fmt_delta(rec):
 
 
 def check_routes(tname, port, sinks, cases, failures):
-    """One message per case [(rcpts, {sink: delta})]; the sinks' counters
-    must move as routed."""
-    body = C.make_body(500, "routing-check")
-    problems = []
-    for rcpts, want in cases:
-        before = {s.name: s.mesg() for s in sinks}
-        full = {s.name: want.get(s.name, 0) for s in sinks}
-        try:
-            c = C.LMTPClient(port)
-            replies = c.send(FROM, rcpts, body)
-            c.quit()
-        except (OSError, C.LMTPError) as e:
-            problems.append("%s: %s" % (rcpts, e))
-            continue
-        if len(replies) != len(rcpts) or any(not r[0].startswith("2") for r in replies):
-            problems.append("%s: replies %s" % (rcpts, replies))
-        got = C.settle(sinks, {k: before[k] + v for k, v in full.items()}, 3)
-        delta = {k: got[k] - before[k] for k in got}
-        if delta != full:
-            problems.append("%s: sink deltas %s, expected %s" % (",".join(rcpts), delta, full))
-    if problems:
-        C.log("ROUTING CHECK FAILED for %s:\n  %s" % (tname, "\n  ".join(problems)))
-        failures += ["routing check %s: %s" % (tname, p) for p in problems]
-    else:
-        C.log("routing check ok for %s (%d messages)" % (tname, len(cases)))
+    """bench.probe_routes, its problems added to C{failures}; whether none."""
+    problems = B.probe_routes(tname, port, sinks, cases)
+    failures += ["routing check %s: %s" % (tname, p) for p in problems]
     return not problems
 
 
@@ -848,7 +826,7 @@ def curve_size(a, wd, ctx, W, Wsrc):
 # ------------------------------------------------------------------- table
 
 LOOKUP = r"""
-import random, sys, time
+import sys
 sys.path.insert(0, sys.argv[1])
 import scale
 import common
@@ -857,27 +835,14 @@ source, n = sys.argv[2], int(sys.argv[3])
 if source == "pg":
     print(scale.lookup_ns(n))
 else:
-    # The same measurement as scale.lookup_ns, on the YAML source's table.
     from lmtp_proxy.routing import RoutingTable
-    table = RoutingTable({scale.user(i): "sinkA" for i in range(n)}, False, None)
-    rng = random.Random(1)
-    samples = 200000
-    addresses = [scale.user(rng.randrange(n)) if i % 4 else "nobody%d@scale.test" % i
-                 for i in range(samples)]
-    route, best = table.route, None
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for x in addresses:
-            route(x)
-        ns = (time.perf_counter() - t0) / samples * 1e9
-        best = ns if best is None else min(best, ns)
-    print(best)
+    print(scale.route_ns(RoutingTable({scale.user(i): "sinkA" for i in range(n)}, False, None), n))
 """
 
 
 def lookup_ns(source, n):
     """ns per route() in a process of the venv's Python (scale.lookup_ns
-    for the database source's LiveTable, the same for RoutingTable)."""
+    for the database source's LiveTable, scale.route_ns on RoutingTable)."""
     py = os.path.join(C.venv_dir(), "bin", "python")
     done = subprocess.run([py, "-c", LOOKUP, C.HERE, source, str(n)],
                           capture_output=True, text=True, timeout=600, cwd=C.REPO)
@@ -1096,8 +1061,8 @@ def curve_table(a, wd, ctx, W, Wsrc):
         "exactly once.  `route() ns`: the table's `route()` in one "
         "process of the venv's Python importing the working tree's `lmtp_proxy` (as "
         "`scale.lookup_ns` does), best of 3 x 200,000 lookups (3/4 hits, "
-        "1/4 misses; `scale.lookup_ns` for the database's `LiveTable`, the same "
-        "loop on the YAML source's `RoutingTable`), measured after the proxies "
+        "1/4 misses; `scale.lookup_ns` for the database's `LiveTable`, its "
+        "`scale.route_ns` on the YAML source's `RoutingTable`), measured after the proxies "
         "stopped.  Start-up: from start to the first RCPT answered 250 and, "
         "with workers, every worker serving (YAML: the master's log says so; "
         "PostgreSQL: `lmtp-proxy status --json` shows the whole table in every "
@@ -1198,6 +1163,22 @@ def write_png(path, data):
         axis.set_major_formatter(ScalarFormatter())
         axis.set_minor_formatter(NullFormatter())
 
+    def finish(ax, ticks, labels, xlabel, ylabel, title, ax2=None, loc="best"):
+        """A panel's log x axis, its labels, y from 0, the legend of both
+        its axes and its title."""
+        ax.set_xscale("log")
+        plain_log(ax.xaxis)
+        ax.set_xticks(ticks, labels)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        handles, names = ax.get_legend_handles_labels()
+        if ax2 is not None:
+            more, moreNames = ax2.get_legend_handles_labels()
+            handles, names = handles + more, names + moreNames
+        ax.legend(handles, names, fontsize=8, loc=loc)
+        ax.set_title(title)
+
     ax = axes[0][0]
     pts = data.get("sessions")
     if pts:
@@ -1208,19 +1189,11 @@ def write_png(path, data):
                     label="%s msg/s" % t)
             ax2.plot(xs, [(p["p99"][t] or 0) * 1e3 for p in pts], "s--", color=colors.get(t),
                      label="%s probe p99 ms" % t)
-        ax.set_xscale("log")
-        plain_log(ax.xaxis)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("concurrent sessions (1 KB, 1 rcpt, kept)")
-        ax.set_ylabel("msg/s (solid)")
         ax2.set_ylabel("probe p99 latency, ms (dashed)")
         ax2.set_yscale("log")
         plain_log(ax2.yaxis)
-        ax.set_ylim(bottom=0)
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
-        ax.set_title("Throughput and p99 latency vs sessions")
+        finish(ax, xs, [str(x) for x in xs], "concurrent sessions (1 KB, 1 rcpt, kept)",
+               "msg/s (solid)", "Throughput and p99 latency vs sessions", ax2, "upper left")
     else:
         empty(ax, "Sessions")
 
@@ -1234,15 +1207,9 @@ def write_png(path, data):
                         [(p["rate"][t] or 0) * p["x"] for p in mine],
                         "o-" if K == min(p["K"] for p in pts) else "s--",
                         color=colors.get(t), label="%s, %d backends" % (t, K))
-        ax.set_xscale("log")
-        plain_log(ax.xaxis)
         xs = sorted({p["x"] for p in pts})
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("recipients per message (1 KB, 10 sessions)")
-        ax.set_ylabel("recipients/s")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
-        ax.set_title("Throughput vs recipients per message")
+        finish(ax, xs, [str(x) for x in xs], "recipients per message (1 KB, 10 sessions)",
+               "recipients/s", "Throughput vs recipients per message")
     else:
         empty(ax, "Recipients")
 
@@ -1258,15 +1225,9 @@ def write_png(path, data):
                     label="%s RCPT median" % source)
             ax.plot(xs, [p["p99"] * 1e6 for p in mine], "s--", color=color,
                     label="%s RCPT p99" % source)
-        ax.set_xscale("log")
-        plain_log(ax.xaxis)
         xs = sorted({p["x"] for p in pts})
-        ax.set_xticks(xs, [fmt_routes(x) for x in xs])
-        ax.set_xlabel("routes in the table (ours only)")
-        ax.set_ylabel("RCPT round trip, us")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
-        ax.set_title("RCPT cost vs routing-table size")
+        finish(ax, xs, [fmt_routes(x) for x in xs], "routes in the table (ours only)",
+               "RCPT round trip, us", "RCPT cost vs routing-table size")
     else:
         empty(ax, "Routing table")
 
@@ -1280,18 +1241,10 @@ def write_png(path, data):
                     label="%s MB/s" % t)
             ax2.plot(xs, [(p["rss"][t] or 0) / 1024 for p in pts], "s--",
                      color=colors.get(t), label="%s peak RSS MB" % t)
-        ax.set_xscale("log")
-        plain_log(ax.xaxis)
-        ax.set_xticks(xs, [fmt_size(p["x"]) for p in pts])
-        ax.set_xlabel("message size (1 session, 1 rcpt, kept)")
-        ax.set_ylabel("MB/s (solid)")
         ax2.set_ylabel("peak RSS of the largest process, MB (dashed)")
-        ax.set_ylim(bottom=0)
         ax2.set_ylim(bottom=0)
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="center left")
-        ax.set_title("Throughput and RSS vs message size")
+        finish(ax, xs, [fmt_size(p["x"]) for p in pts], "message size (1 session, 1 rcpt, kept)",
+               "MB/s (solid)", "Throughput and RSS vs message size", ax2, "center left")
     else:
         empty(ax, "Message size")
 

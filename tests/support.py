@@ -353,3 +353,17 @@ def outcomeLines(testcase):
 
 def outcomesFor(lines, address):
     return [line for line in lines if "to=<%s>" % (address,) in line]
+
+
+def readUntil(sock, marker):
+    """
+    What the blocking socket C{sock} receives until C{marker} has come or
+    the peer closes.
+    """
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data

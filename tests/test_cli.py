@@ -19,6 +19,7 @@ import threading
 from twisted.trial import unittest
 
 from lmtp_proxy import cli
+from tests.support import readUntil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -414,13 +415,7 @@ class FakeControlServer:
             return
         with conn:
             conn.settimeout(30)
-            data = b""
-            while b"\n" not in data:
-                chunk = conn.recv(1024)
-                if not chunk:
-                    break
-                data += chunk
-            self.received.append(data)
+            self.received.append(readUntil(conn, b"\n"))
             if self.reply is not None:
                 conn.sendall(self.reply)
             else:

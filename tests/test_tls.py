@@ -17,7 +17,7 @@ from lmtp_proxy.client import BackendTLSFailed, connectBackend
 from lmtp_proxy.reloader import loadChecked
 from tests.certificates import Authority, hashPassword, requireTLS
 from tests.lmtpclient import connectClient, exchange, mail
-from tests.support import FakeBackend, Proxy, waitUntil
+from tests.support import FakeBackend, Proxy, readUntil, waitUntil
 
 PASSWORD = "correct horse battery"
 
@@ -208,12 +208,7 @@ class ResumptionTests(TLSCase):
                     # TLS 1.3 tickets come after the handshake: read the
                     # greeting and a reply before asking for the session.
                     tls.sendall(b"LHLO c.test\r\nQUIT\r\n")
-                    data = b""
-                    while b"221" not in data:
-                        chunk = tls.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
+                    readUntil(tls, b"221")
                     return tls.session, tls.session_reused
 
         first, reused = yield threads.deferToThread(connect, None)
