@@ -50,7 +50,7 @@ from lmtp_proxy.reloader import loadAtStart, reloadConfig
 from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import DrainTimeout, ProxyState
 from lmtp_proxy.status import combine, processView
-from lmtp_proxy.twisted_internals import dispatchEventsLightly
+from lmtp_proxy.twisted_internals import cacheLogTimestamps, dispatchEventsLightly
 from lmtp_proxy.workers import Workers
 
 
@@ -93,6 +93,7 @@ def makeService(options):
         # anything but SystemExit becomes a traceback.
         raise SystemExit("lmtp-proxy: %s" % (e,))
     dispatchEventsLightly(reactor)
+    cacheLogTimestamps()
     return ProxyService(loaded, reactor)
 
 

@@ -391,10 +391,13 @@ class TreeTests(unittest.TestCase):
     """
 
     def setUp(self):
-        # Trial's reactor keeps Twisted's own dispatch: the tests after
-        # these must not run on a reactor that one of them changed.
+        # Trial's reactor keeps Twisted's own dispatch, and its log
+        # observers Twisted's own timestamps: the tests after these must
+        # not run in a process that one of them changed.
         self.lightened = []
         self.patch(service, "dispatchEventsLightly", self.lightened.append)
+        self.timestampsCached = []
+        self.patch(service, "cacheLogTimestamps", lambda: self.timestampsCached.append(True))
 
     def build(self, **settings):
         """
@@ -437,6 +440,15 @@ class TreeTests(unittest.TestCase):
         """
         self.build()
         self.assertEqual(self.lightened, [reactor])
+
+    def test_logTimestampsCached(self):
+        """
+        L{makeService} has twistd's text log observer format each second's
+        timestamp once, with
+        L{lmtp_proxy.twisted_internals.cacheLogTimestamps}.
+        """
+        self.build()
+        self.assertEqual(self.timestampsCached, [True])
 
     def test_metricsListener(self):
         """

@@ -8,17 +8,30 @@ import errno
 import os
 import socket
 import stat
+import time
+from io import StringIO
 
 from twisted.internet import defer, main, protocol, reactor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import (
+    LogLevel,
+    formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
+    globalLogPublisher,
+    textFileLogObserver,
+    timeFormatRFC3339,
+)
+from twisted.logger import _file as loggerFile
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python import context, log
 from twisted.trial import unittest
 
 from lmtp_proxy.twisted_internals import (
+    _TimestampsBySecond,
     adoptSharedUNIXPort,
+    cacheLogTimestamps,
     discardLineBuffer,
     dispatchEventsLightly,
     listenUNIXQuietly,
@@ -507,3 +520,166 @@ class LightDispatchTests(unittest.TestCase):
         """
         error = self.assertRaises(OSError, self.pollCalls, True, 0, errno.EBADF)
         self.assertEqual(error.errno, errno.EBADF)
+
+
+# A zone with summer time, spelt out so that no tzdata is needed: central
+# Europe, whose clocks went forward at 2026-03-29 01:00:00 UTC.
+_SUMMER_TIME_ZONE = "CET-1CEST,M3.5.0,M10.5.0/3"
+_CLOCKS_FORWARD = 1774746000
+
+
+class LogTimestampTests(unittest.TestCase):
+    """
+    L{cacheLogTimestamps} has twistd's text log observer format each
+    second's timestamp once, with the text of Twisted's C{formatTime}.
+    """
+
+    def setUp(self):
+        # Restored after each test, whatever a test installs.
+        self.patch(loggerFile, "formatTime", formatTime)
+        self.inZone(_SUMMER_TIME_ZONE)
+
+    def inZone(self, zone):
+        before = os.environ.get("TZ")
+
+        def restore():
+            if before is None:
+                os.environ.pop("TZ", None)
+            else:
+                os.environ["TZ"] = before
+            time.tzset()
+
+        self.addCleanup(restore)
+        os.environ["TZ"] = zone
+        time.tzset()
+
+    def counted(self):
+        """
+        A L{_TimestampsBySecond} and the list of the times its
+        C{formatTime} was called for.
+        """
+        calls = []
+
+        def counting(when, timeFormat=timeFormatRFC3339, default="-"):
+            calls.append(when)
+            return formatTime(when, timeFormat, default)
+
+        return _TimestampsBySecond(counting), calls
+
+    def test_sameTextAsTwisted(self):
+        """
+        Times in order, across seconds, back in time, before the epoch and
+        across a change to summer time, get the text Twisted's
+        C{formatTime} gives each of them.
+        """
+        cached = _TimestampsBySecond(formatTime)
+        times = []
+        for start in (_CLOCKS_FORWARD - 3, -2):
+            times += [start + step / 8 for step in range(48)]
+        times += [_CLOCKS_FORWARD + 0.5, _CLOCKS_FORWARD - 0.5, -1.0, -0.5, 0, 1]
+        self.assertNotEqual(formatTime(_CLOCKS_FORWARD - 1)[-5:], formatTime(_CLOCKS_FORWARD)[-5:])
+        self.assertEqual([cached(when) for when in times], [formatTime(when) for when in times])
+
+    def test_formattedOncePerSecond(self):
+        """
+        Lines within one second are formatted once; the next second is
+        formatted again.
+        """
+        cached, calls = self.counted()
+        for when in (100.0, 100.25, 100.75, 101.5, 101.9):
+            cached(when)
+        self.assertEqual(calls, [100.0, 101.5])
+
+    def test_roundedUpTimeFormattedAfresh(self):
+        """
+        A time within half a microsecond of the next second, which
+        C{formatTime} shows as the next second, is formatted on its own
+        and leaves the remembered second as it was.
+        """
+        cached, calls = self.counted()
+        cached(100.5)
+        self.assertEqual(cached(100.9999997), formatTime(100.9999997))
+        self.assertEqual(cached(100.9999997)[:19], formatTime(101)[:19])
+        self.assertEqual(cached(100.25), formatTime(100.25))
+        self.assertEqual(calls, [100.5, 100.9999997, 100.9999997])
+
+    def test_fractionsFormattedEachTime(self):
+        """
+        A format that shows fractions of a second is formatted for every
+        line.
+        """
+        cached, calls = self.counted()
+        fine = "%H:%M:%S.%f"
+        self.assertEqual(
+            [cached(100.25, fine), cached(100.5, fine)],
+            [formatTime(100.25, fine), formatTime(100.5, fine)],
+        )
+        self.assertEqual(len(calls), 2)
+
+    def test_eachFormatItsOwnText(self):
+        """
+        Two formats used in turn within one second each get their own text.
+        """
+        cached = _TimestampsBySecond(formatTime)
+        short = "%H:%M:%S"
+        self.assertEqual(
+            [cached(100.25), cached(100.5, short), cached(100.75)],
+            [formatTime(100.25), formatTime(100.5, short), formatTime(100.75)],
+        )
+
+    def test_noTime(self):
+        """
+        No time, no format, or a time that is not a number gets what
+        C{formatTime} gives it.
+        """
+        cached = _TimestampsBySecond(formatTime)
+        self.assertEqual(cached(None), "-")
+        self.assertEqual(cached(None, default="?"), "?")
+        self.assertEqual(cached(100.5, None, "?"), "?")
+        self.assertRaises(ValueError, cached, float("nan"))
+
+    def test_observerLinesUnchanged(self):
+        """
+        Once installed, twistd's text observer writes the lines it wrote
+        with Twisted's own C{formatTime}.
+        """
+        events = [
+            dict(
+                log_format="{outcome}",
+                outcome="line %d" % (n,),
+                log_namespace="lmtp_proxy.delivery.Delivery",
+                log_level=LogLevel.info,
+                log_time=_CLOCKS_FORWARD - 1 + n / 2,
+            )
+            for n in range(4)
+        ]
+        self.assertTrue(cacheLogTimestamps())
+        self.assertIsInstance(loggerFile.formatTime, _TimestampsBySecond)
+        written = StringIO()
+        observer = textFileLogObserver(written)
+        for event in events:
+            observer(event)
+        self.assertEqual(
+            written.getvalue(), "".join(formatEventAsClassicLogText(event) for event in events)
+        )
+
+    def test_installedOnce(self):
+        """
+        Installing twice keeps one cache in front of Twisted's
+        C{formatTime}.
+        """
+        self.assertTrue(cacheLogTimestamps())
+        installed = loggerFile.formatTime
+        self.assertTrue(cacheLogTimestamps())
+        self.assertIs(loggerFile.formatTime, installed)
+        self.assertIs(installed.formatTime, formatTime)
+
+    def test_changedTwistedLeftAlone(self):
+        """
+        When the observer's module no longer names Twisted's C{formatTime},
+        nothing is replaced.
+        """
+        other = lambda when, timeFormat=None, default="-": default  # noqa: E731
+        self.patch(loggerFile, "formatTime", other)
+        self.assertFalse(cacheLogTimestamps())
+        self.assertIs(loggerFile.formatTime, other)
