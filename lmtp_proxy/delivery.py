@@ -181,7 +181,7 @@ class BackendSession:
             if self.client is None and self.failure is None:
                 try:
                     self.client, self._reused = yield self.transaction.delivery.pool.acquire(
-                        self.backend, self.config
+                        self.backend, self.config, self._toldOfClient
                     )
                 except BackendError as e:
                     self.failure = e.reply
@@ -251,6 +251,16 @@ class BackendSession:
                     return self.failure
             result = yield sent.addCallbacks(self._rcptAnswered, self._rcptFailed)
             return result
+
+    def _toldOfClient(self, client):
+        """
+        Whether the backend connection C{client} already had XCLIENT for
+        this transaction's client session. Several sessions that share a
+        pool each get back the connection they used last, where they can,
+        so XCLIENT and the LHLO after it are not sent again per message.
+        """
+        identity = self.transaction.identity
+        return identity is not None and identity.sameAs(client.xclientFor)
 
     def _pooledConnectionLost(self, error, attempt):
         """

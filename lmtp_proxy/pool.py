@@ -73,12 +73,21 @@ class BackendPool:
         self._open = defaultdict(set)
         self._failures = {}
 
-    def acquire(self, backend, config):
+    def acquire(self, backend, config, prefer=None):
         """
         Return a L{Deferred} firing with C{(client, reused)}, or failing with
         a L{BackendError} (logged once here).
+
+        @param prefer: a predicate of an idle connection. The last released
+            connection it holds true for is handed out before the others;
+            without one, the last released.
         """
         idle = self._idle.get(backend)
+        if idle and prefer is not None and not prefer(idle[-1]):
+            for i in range(len(idle) - 2, -1, -1):
+                if prefer(idle[i]):
+                    idle.append(idle.pop(i))
+                    break
         while idle:
             client = idle.pop()
             # Its expiry timer is left to run: it will find the connection

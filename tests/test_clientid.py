@@ -441,6 +441,29 @@ class XclientToBackendTests(unittest.TestCase):
         self.assertEqual(len(backend.messages), 2)
 
     @defer.inlineCallbacks
+    def test_sessionsKeepTheirPooledConnections(self):
+        """
+        Two sessions that share a pool each get back, for their next
+        transaction, the connection that already had their XCLIENT, even
+        when the other session's was released after it: one XCLIENT per
+        session, not one per transaction.
+        """
+        backend, proxy = forwardingProxy(self)
+        first = yield proxy.connect(self)
+        second = yield proxy.connect(self)
+        # The first session holds its connection while the second makes
+        # and releases another; the first releases its own last.
+        yield exchange(first, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n", 3)
+        yield exchange(second, transaction([b"y@a.test"], quit=False), 5)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield exchange(first, b"DATA\r\n" + BODY + b".\r\n", 2)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield exchange(second, b"MAIL FROM:<s@x>\r\nRCPT TO:<z@a.test>\r\nDATA\r\n" + BODY + b".\r\n", 4)
+        self.assertEqual(backend.connections, 2)
+        self.assertEqual(len(backend.messages), 3)
+        self.assertEqual(backend.verbs().count(b"XCLIENT"), 2)
+
+    @defer.inlineCallbacks
     def test_repeatedXforwardSentOnce(self):
         """
         Postfix repeats the same XFORWARD before each MAIL of a session: the

@@ -79,6 +79,55 @@ class PoolTests(unittest.TestCase):
         self.pool.outbox.release()
         self.assertEqual(self.acquire(), (client, True))
 
+    def releaseBoth(self):
+        """
+        Two connections, released in the order made.
+        """
+        first, _ = self.acquire()
+        second, _ = self.acquire()
+        self.pool.release(self.backend, first, self.config)
+        self.pool.release(self.backend, second, self.config)
+        return first, second
+
+    def test_lastReleasedFirst(self):
+        """
+        Without a preference, the connection released last is handed out
+        first.
+        """
+        first, second = self.releaseBoth()
+        self.assertEqual(self.acquire(), (second, True))
+        self.assertEqual(self.acquire(), (first, True))
+
+    def test_preferredFirst(self):
+        """
+        An idle connection that C{prefer} holds true for is handed out
+        before one released after it; the others keep their order.
+        """
+        first, second = self.releaseBoth()
+        preferred = self.pool.acquire(self.backend, self.config, lambda c: c is first)
+        self.assertEqual(self.successResultOf(preferred), (first, True))
+        self.assertEqual(self.acquire(), (second, True))
+
+    def test_nonePreferred(self):
+        """
+        When C{prefer} holds true for no idle connection, the one released
+        last is handed out.
+        """
+        first, second = self.releaseBoth()
+        preferred = self.pool.acquire(self.backend, self.config, lambda c: False)
+        self.assertEqual(self.successResultOf(preferred), (second, True))
+
+    def test_unusablePreferredSkipped(self):
+        """
+        A preferred connection that the backend closed meanwhile is dropped
+        and another is handed out.
+        """
+        first, second = self.releaseBoth()
+        first.transport.closed = True
+        preferred = self.pool.acquire(self.backend, self.config, lambda c: c is first)
+        self.assertEqual(self.successResultOf(preferred), (second, True))
+        self.assertFalse(self.acquire()[1])
+
     def test_idleTimeoutCountsFromTheLastRelease(self):
         """
         A connection used again before its idle timeout expires gets QUIT
