@@ -83,8 +83,8 @@ class BackendPool:
             without one, the last released.
         """
         idle = self._idle.get(backend)
-        if idle and prefer is not None and not prefer(idle[-1]):
-            for i in range(len(idle) - 2, -1, -1):
+        if idle and prefer is not None:
+            for i in range(len(idle) - 1, -1, -1):
                 if prefer(idle[i]):
                     idle.append(idle.pop(i))
                     break
