@@ -34,7 +34,8 @@ def sendNow(transport, data):
 class Outbox:
     """
     Sends what the proxy writes, joining the writes made while one chunk of
-    input is handled.
+    input is handled, or while one turn of the reactor handles all the
+    input it found.
 
     A chunk of input often produces several writes to one connection: the
     MAIL and first RCPT pipelined to a backend, the last message bytes and
@@ -45,6 +46,14 @@ class Outbox:
     and leave joined when the last hold is released. Writes made outside
     input handling (timers, connection set-up) leave at once.
 
+    The reactor's dispatch may also hold it for a whole turn
+    (L{holdTurn}): then the writes caused by all the connections found
+    ready leave together once their input is handled, joined where two
+    inputs wrote to one connection (the replies of two backends to one
+    client), and no peer is woken to compete for the CPU before this
+    process has read everything it was woken for. Nothing leaves later
+    than C{transport.write} would send it, which waits for the next turn.
+
     Every write to a transport must go through the same outbox, or one
     made directly could overtake one waiting here.
     """
@@ -53,6 +62,8 @@ class Outbox:
 
     def __init__(self):
         self._holds = 0
+        # How many of the holds are L{holdTurn}'s.
+        self._turns = 0
         self._waiting = {}
         self._after = []
 
@@ -64,13 +75,15 @@ class Outbox:
 
     def release(self):
         """
-        End one L{hold}; after the last, send what waited.
+        End one L{hold}. After the last hold of an input, run what waits
+        for its end (L{afterInput}); after the last of all, send what
+        waited.
         """
         self._holds -= 1
-        if self._holds:
+        if self._holds > self._turns:
             return
         try:
-            if self._waiting:
+            if not self._holds and self._waiting:
                 waiting, self._waiting = self._waiting, {}
                 for transport, chunks in waiting.items():
                     sendNow(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
@@ -81,19 +94,36 @@ class Outbox:
                     try:
                         call(*args, **kwargs)
                     except Exception:
-                        self.log.failure("after sending")
+                        self.log.failure("after the input")
 
-    def afterSending(self, call, *args, **kwargs):
+    def holdTurn(self):
         """
-        Call C{call(*args, **kwargs)} once what waits now has been sent: at
-        the end of the current hold, or at once outside one.
+        Keep writes back for a turn of the reactor, until the matching
+        L{releaseTurn}. Inputs handled meanwhile still end one by one:
+        their L{afterInput} calls do not wait for the turn.
+        """
+        self._turns += 1
+        self._holds += 1
 
-        For what must wait until the input being handled is done with (a
-        backend connection goes back to the pool only once the read that
-        released it is over); it still runs in the same turn of the
-        reactor, whatever the sending raised.
+    def releaseTurn(self):
         """
-        if self._holds:
+        End a L{holdTurn}.
+        """
+        self._turns -= 1
+        self.release()
+
+    def afterInput(self, call, *args, **kwargs):
+        """
+        Call C{call(*args, **kwargs)} once the input being handled is done
+        with: at the end of the current L{hold}, or at once outside one
+        (a turn alone is not an input).
+
+        For what must not happen in the middle of a read: a backend
+        connection goes back to the pool only once the read that released
+        it is over. It still runs in the same turn of the reactor,
+        whatever sending raised.
+        """
+        if self._holds > self._turns:
             self._after.append((call, args, kwargs))
         else:
             call(*args, **kwargs)

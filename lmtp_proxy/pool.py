@@ -188,7 +188,7 @@ class BackendPool:
         # a stray reply line in the same read must find the connection
         # failed, not answering the next transaction's MAIL. The outbox is
         # held for that read and runs this once it is over.
-        self.outbox.afterSending(self._keep, backend, client, config)
+        self.outbox.afterInput(self._keep, backend, client, config)
 
     def _keep(self, backend, client, config):
         idle = self._idle[backend]

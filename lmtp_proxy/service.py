@@ -92,9 +92,10 @@ def makeService(options):
         # twistd only handles UsageError while parsing options; from here
         # anything but SystemExit becomes a traceback.
         raise SystemExit("lmtp-proxy: %s" % (e,))
-    dispatchEventsLightly(reactor)
+    proxy = ProxyService(loaded, reactor)
+    dispatchEventsLightly(reactor, proxy.pool.outbox)
     cacheLogTimestamps()
-    return ProxyService(loaded, reactor)
+    return proxy
 
 
 class ProxyService(service.MultiService):

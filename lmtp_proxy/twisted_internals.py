@@ -24,7 +24,7 @@ The items:
   - L{startTLS}: a connection's TLS records sent on its socket directly
     (C{tests.test_outbox.TLSSendTests}).
   - L{dispatchEventsLightly}: an epoll reactor's events dispatched without
-    Twisted's per-event context copies
+    Twisted's per-event context copies, with the outbox held for each turn
     (C{tests.test_twisted_internals.LightDispatchTests}).
   - L{cacheLogTimestamps}: twistd's text log observer formatting each
     second's timestamp once
@@ -195,7 +195,7 @@ class _SendingBypass:
             self._bypass.write(data[sent:] if sent else data)
 
 
-def dispatchEventsLightly(reactor):
+def dispatchEventsLightly(reactor, outbox=None):
     """
     Make C{reactor}, if it is Twisted's epoll reactor, dispatch each event
     as its own C{doPoll} does, in the same log context, at a fraction of
@@ -220,6 +220,8 @@ def dispatchEventsLightly(reactor):
     tests run each case through Twisted's own dispatch and this one and
     compare what was logged, raised and left in the context.
 
+    @param outbox: an L{lmtp_proxy.outbox.Outbox} held for each turn that
+        found events (L{lmtp_proxy.outbox.Outbox.holdTurn}), or C{None}.
     @return: whether the reactor now dispatches this way.
     """
     try:
@@ -251,6 +253,21 @@ def dispatchEventsLightly(reactor):
             return
         outer = context.get(logContext)
         contexts = context.theContextTracker.currentContext().contexts
+        if outbox is None:
+            dispatch(events, outer, contexts)
+            return
+        outbox.holdTurn()
+        try:
+            dispatch(events, outer, contexts)
+        finally:
+            try:
+                outbox.releaseTurn()
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.err(system="-")
+
+    def dispatch(events, outer, contexts):
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:

@@ -505,8 +505,8 @@ def main(argv):
         err.flush()
 
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    dispatchEventsLightly(reactor)
     worker = Worker(reactor, argv[0])
+    dispatchEventsLightly(reactor, worker.pool.outbox)
     stdio.StandardIO(WorkerControl(worker), reactor=reactor)
     # SIGTERM or SIGINT (a foreground Ctrl-C reaches every process) drains
     # like a stop from the master.

@@ -193,6 +193,21 @@ class FakeBackend(protocol.Factory):
         return [c.split(b" ", 1)[0].upper() for c in self.commands]
 
 
+class WriteRecorder(StringTransport):
+    """
+    A C{StringTransport} that keeps each write apart, to tell writes that
+    left joined from writes that left one by one.
+    """
+
+    def __init__(self):
+        StringTransport.__init__(self)
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(data)
+        StringTransport.write(self, data)
+
+
 def deadPort():
     """
     A 127.0.0.1 port nothing listens on.

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from lmtp_proxy.outbox import Outbox, sendNow
 from lmtp_proxy.twisted_internals import sendRecordsAtOnce, startTLS
 from tests.certificates import Authority, requireTLS
-from tests.support import waitUntil
+from tests.support import WriteRecorder, waitUntil
 
 
 class _Collector(protocol.Protocol):
@@ -243,9 +243,9 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         outbox.release()
         self.assertEqual((a.value(), b.value()), (b"a1 a2", b"b1 "))
 
-    def test_afterSendingRunsOnceTheWritesLeft(self):
+    def test_afterInputRunsOnceTheWritesLeft(self):
         """
-        During a hold, L{Outbox.afterSending} calls wait for the outermost
+        During a hold, L{Outbox.afterInput} calls wait for the outermost
         release, and run after the writes held with them were sent.
         """
         outbox, transport = Outbox(), StringTransport()
@@ -253,22 +253,22 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         outbox.hold()
         outbox.hold()
         outbox.write(transport, b"250 2.1.5 Ok\r\n")
-        outbox.afterSending(lambda *a, **k: seen.append((transport.value(), a, k)), 1, x=2)
+        outbox.afterInput(lambda *a, **k: seen.append((transport.value(), a, k)), 1, x=2)
         outbox.release()
         self.assertEqual(seen, [])
         outbox.release()
         self.assertEqual(seen, [(b"250 2.1.5 Ok\r\n", (1,), {"x": 2})])
 
-    def test_afterSendingOutsideAHoldRunsAtOnce(self):
+    def test_afterInputOutsideAHoldRunsAtOnce(self):
         """
-        Outside a hold an L{Outbox.afterSending} call runs at once.
+        Outside a hold an L{Outbox.afterInput} call runs at once.
         """
         outbox = Outbox()
         seen = []
-        outbox.afterSending(seen.append, "now")
+        outbox.afterInput(seen.append, "now")
         self.assertEqual(seen, ["now"])
 
-    def test_afterSendingRunsWhenSendingFails(self):
+    def test_afterInputRunsWhenSendingFails(self):
         """
         A write that raises at the release does not lose the calls waiting
         for it, nor does one failing call lose the others.
@@ -282,11 +282,69 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         seen = []
         outbox.hold()
         outbox.write(Broken(), b"x")
-        outbox.afterSending(lambda: 1 / 0)
-        outbox.afterSending(seen.append, "logged")
+        outbox.afterInput(lambda: 1 / 0)
+        outbox.afterInput(seen.append, "logged")
         self.assertRaises(RuntimeError, outbox.release)
         self.assertEqual(seen, ["logged"])
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_turnJoinsTheWritesOfSeveralInputs(self):
+        """
+        Held for a turn, the writes of several inputs to one transport
+        leave together when the turn is released, in the order written.
+        """
+        outbox, transport = Outbox(), WriteRecorder()
+        outbox.holdTurn()
+        for data in (b"250 2.2.0 Ok\r\n", b"250 2.2.0 Ok\r\n250 2.2.0 Ok\r\n"):
+            outbox.hold()
+            outbox.write(transport, data)
+            outbox.release()
+            self.assertEqual(transport.value(), b"")
+        outbox.releaseTurn()
+        self.assertEqual(transport.writes, [b"250 2.2.0 Ok\r\n" * 3])
+
+    def test_turnWithoutInputStillHolds(self):
+        """
+        A write made in a turn outside any input (a connection set up, one
+        lost) waits for the end of the turn too.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        outbox.holdTurn()
+        outbox.write(transport, b"220 ready\r\n")
+        self.assertEqual(transport.value(), b"")
+        outbox.releaseTurn()
+        self.assertEqual(transport.value(), b"220 ready\r\n")
+
+    def test_afterInputDoesNotWaitForTheTurn(self):
+        """
+        In a turn, an L{Outbox.afterInput} call runs when its input's hold
+        ends, before the turn's writes leave.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        seen = []
+        outbox.holdTurn()
+        outbox.hold()
+        outbox.hold()
+        outbox.write(transport, b"x")
+        outbox.afterInput(lambda: seen.append(transport.value()))
+        outbox.release()
+        self.assertEqual(seen, [])
+        outbox.release()
+        self.assertEqual(seen, [b""])
+        outbox.releaseTurn()
+        self.assertEqual((seen, transport.value()), ([b""], b"x"))
+
+    def test_afterInputInATurnOutsideAnInputRunsAtOnce(self):
+        """
+        In a turn but outside any input, an L{Outbox.afterInput} call runs
+        at once: a turn alone is not an input.
+        """
+        outbox = Outbox()
+        seen = []
+        outbox.holdTurn()
+        outbox.afterInput(seen.append, "now")
+        self.assertEqual(seen, ["now"])
+        outbox.releaseTurn()
 
     @defer.inlineCallbacks
     def test_heldWritesLeaveInOneSend(self):

@@ -630,7 +630,7 @@ class TwistdPitfallTests(unittest.TestCase):
         path = writeConfig(self, GOOD_CONFIG.format(port=port))
         # Trial's reactor keeps Twisted's own dispatch, and its log
         # observers Twisted's own timestamps, for the tests after.
-        self.patch(proxyservice, "dispatchEventsLightly", lambda reactor: False)
+        self.patch(proxyservice, "dispatchEventsLightly", lambda *args: False)
         self.patch(proxyservice, "cacheLogTimestamps", lambda: False)
         svc = proxyservice.makeService({"config": path})
         self.assertIsInstance(svc, proxyservice.ProxyService)

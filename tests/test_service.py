@@ -395,7 +395,9 @@ class TreeTests(unittest.TestCase):
         # observers Twisted's own timestamps: the tests after these must
         # not run in a process that one of them changed.
         self.lightened = []
-        self.patch(service, "dispatchEventsLightly", self.lightened.append)
+        self.patch(
+            service, "dispatchEventsLightly", lambda *args: self.lightened.append(args)
+        )
         self.timestampsCached = []
         self.patch(service, "cacheLogTimestamps", lambda: self.timestampsCached.append(True))
 
@@ -436,10 +438,13 @@ class TreeTests(unittest.TestCase):
     def test_reactorDispatchesLightly(self):
         """
         L{makeService} has the reactor twistd runs dispatch its events with
-        L{lmtp_proxy.twisted_internals.dispatchEventsLightly}.
+        L{lmtp_proxy.twisted_internals.dispatchEventsLightly}, holding for
+        each turn the outbox that the sessions and the backend connections
+        write through.
         """
-        self.build()
-        self.assertEqual(self.lightened, [reactor])
+        svc = self.build()
+        self.assertEqual(self.lightened, [(reactor, svc.pool.outbox)])
+        self.assertIs(svc.factory.outbox, svc.pool.outbox)
 
     def test_logTimestampsCached(self):
         """

@@ -28,6 +28,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python import context, log
 from twisted.trial import unittest
 
+from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.twisted_internals import (
     _TimestampsBySecond,
     adoptSharedUNIXPort,
@@ -36,7 +37,7 @@ from lmtp_proxy.twisted_internals import (
     dispatchEventsLightly,
     listenUNIXQuietly,
 )
-from tests.support import liveSocket, unixPath
+from tests.support import WriteRecorder, liveSocket, unixPath
 
 
 class _Accepted(protocol.Factory):
@@ -306,10 +307,10 @@ class LightDispatchTests(unittest.TestCase):
     and leaves in the log context: each case runs through both.
     """
 
-    def epollReactor(self, light, poller=None):
+    def epollReactor(self, light, poller=None, outbox=None):
         """
         A new epoll reactor, not installed: Twisted's dispatch, or the
-        light one.
+        light one (holding C{outbox} for each turn).
         """
         dispatching = EPollReactor()
         self.addCleanup(dispatching.waker.connectionLost, None)
@@ -317,7 +318,7 @@ class LightDispatchTests(unittest.TestCase):
         if poller is not None:
             dispatching._poller = poller
         if light:
-            self.assertTrue(dispatchEventsLightly(dispatching))
+            self.assertTrue(dispatchEventsLightly(dispatching, outbox))
         return dispatching
 
     def dispatch(self, light, readers):
@@ -493,6 +494,84 @@ class LightDispatchTests(unittest.TestCase):
             ]
         )
         self.assertIn(("inner", ("nested",), 0, 1, None, None), events)
+
+    def turn(self, outbox, readers):
+        """
+        One light turn holding C{outbox}, with the readers C{readers(reactor)}
+        makes each holding a byte.
+        """
+        dispatching = self.epollReactor(True, outbox=outbox)
+        for reader in readers(dispatching):
+            dispatching.addReader(reader)
+            self.addCleanup(dispatching.removeReader, reader)
+            reader.peer.send(b"x")
+        dispatching.doIteration(None)
+
+    def test_turnHoldsTheOutbox(self):
+        """
+        Given an outbox, the writes made while the events of one turn are
+        handled wait until the last is handled, and leave joined.
+        """
+        outbox, transport = Outbox(), WriteRecorder()
+        seen = []
+
+        def write(data):
+            outbox.hold()
+            outbox.write(transport, data)
+            outbox.release()
+            seen.append(transport.value())
+
+        self.turn(
+            outbox,
+            lambda r: [
+                _Readable(self, "a", onRead=lambda: write(b"a")),
+                _Readable(self, "b", onRead=lambda: write(b"b")),
+            ],
+        )
+        self.assertEqual((seen, len(transport.writes)), ([b"", b""], 1))
+        self.assertEqual(sorted(transport.value()), sorted(b"ab"))
+
+    def test_turnReleasedAfterKeyboardInterrupt(self):
+        """
+        A C{KeyboardInterrupt} that stops a turn still ends the outbox's
+        hold: what was written leaves, and later writes go at once.
+        """
+        outbox, transport = Outbox(), WriteRecorder()
+        self.assertRaises(
+            KeyboardInterrupt,
+            self.turn,
+            outbox,
+            lambda r: [
+                _Readable(
+                    self,
+                    "a",
+                    onRead=lambda: outbox.write(transport, b"a"),
+                    why=main.CONNECTION_DONE,
+                    onLost=KeyboardInterrupt(),
+                )
+            ],
+        )
+        outbox.write(transport, b"b")
+        self.assertEqual(transport.writes, [b"a", b"b"])
+
+    def test_failedSendAtTheEndOfATurnLogged(self):
+        """
+        A write that raises when the turn's writes leave is logged, and the
+        reactor's loop goes on.
+        """
+
+        class Broken(WriteRecorder):
+            def write(self, data):
+                raise RuntimeError("broken")
+
+        outbox = Outbox()
+        self.turn(
+            outbox, lambda r: [_Readable(self, "a", onRead=lambda: outbox.write(Broken(), b"a"))]
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        transport = WriteRecorder()
+        outbox.write(transport, b"b")
+        self.assertEqual(transport.writes, [b"b"])
 
     def pollCalls(self, light, timeout, error=None):
         poller = _RecordingPoller(error)
