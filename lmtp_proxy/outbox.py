@@ -15,6 +15,11 @@ from twisted.logger import Logger
 
 from lmtp_proxy.twisted_internals import sendOnSocket
 
+# A write at least this large (a piece of a message body) leaves at the end
+# of its input even in a turn: the peer has work for its wakeup, and can do
+# it while this process reads on.
+BULK = 16 * 1024
+
 
 def sendNow(transport, data):
     """
@@ -44,7 +49,7 @@ class Outbox:
     meet its Nagle delay. So every protocol holds the outbox while it
     handles input; writes made meanwhile wait, per transport and in order,
     and leave joined when the last hold is released. Writes made outside
-    input handling (timers, connection set-up) leave at once.
+    any hold (timers, a Deferred fired from a thread) leave at once.
 
     The reactor's dispatch may also hold it for a whole turn
     (L{holdTurn}): then the writes caused by all the connections found
@@ -53,6 +58,7 @@ class Outbox:
     client), and no peer is woken to compete for the CPU before this
     process has read everything it was woken for. Nothing leaves later
     than C{transport.write} would send it, which waits for the next turn.
+    A write of L{BULK} bytes or more still leaves when its input is done.
 
     Every write to a transport must go through the same outbox, or one
     made directly could overtake one waiting here.
@@ -65,6 +71,8 @@ class Outbox:
         # How many of the holds are L{holdTurn}'s.
         self._turns = 0
         self._waiting = {}
+        # Transports written L{BULK} bytes at once during this input.
+        self._bulky = []
         self._after = []
 
     def hold(self):
@@ -75,15 +83,20 @@ class Outbox:
 
     def release(self):
         """
-        End one L{hold}. After the last hold of an input, run what waits
-        for its end (L{afterInput}); after the last of all, send what
-        waited.
+        End one L{hold}. After the last hold of an input, send what it
+        wrote in L{BULK} and run what waits for its end (L{afterInput});
+        after the last of all, send what waited.
         """
         self._holds -= 1
         if self._holds > self._turns:
             return
         try:
-            if not self._holds and self._waiting:
+            if self._holds:
+                bulky, self._bulky = self._bulky, []
+                for transport in bulky:
+                    self.flush(transport)
+            else:
+                self._bulky = []
                 waiting, self._waiting = self._waiting, {}
                 for transport, chunks in waiting.items():
                     sendNow(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
@@ -149,3 +162,5 @@ class Outbox:
             self._waiting[transport] = [data]
         else:
             chunks.append(data)
+        if self._turns and len(data) >= BULK:
+            self._bulky.append(transport)

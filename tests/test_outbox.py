@@ -9,7 +9,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from lmtp_proxy.outbox import Outbox, sendNow
+from lmtp_proxy.outbox import BULK, Outbox, sendNow
 from lmtp_proxy.twisted_internals import sendRecordsAtOnce, startTLS
 from tests.certificates import Authority, requireTLS
 from tests.support import WriteRecorder, waitUntil
@@ -314,6 +314,40 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         self.assertEqual(transport.value(), b"")
         outbox.releaseTurn()
         self.assertEqual(transport.value(), b"220 ready\r\n")
+
+    def test_bulkWriteLeavesAtTheEndOfItsInput(self):
+        """
+        In a turn, a write of L{BULK} bytes leaves, with what was written
+        to its transport before it, when its input is done; other
+        transports still wait for the turn.
+        """
+        outbox, bulky, other = Outbox(), WriteRecorder(), WriteRecorder()
+        body = b"x" * BULK
+        outbox.holdTurn()
+        outbox.hold()
+        outbox.write(bulky, b"354 go ahead\r\n")
+        outbox.write(bulky, body)
+        outbox.write(other, b"250 2.1.5 Ok\r\n")
+        self.assertEqual(bulky.writes, [])
+        outbox.release()
+        self.assertEqual((bulky.writes, other.writes), ([b"354 go ahead\r\n" + body], []))
+        outbox.releaseTurn()
+        self.assertEqual(
+            (bulky.writes, other.writes), ([b"354 go ahead\r\n" + body], [b"250 2.1.5 Ok\r\n"])
+        )
+
+    def test_smallerWritesWaitForTheTurn(self):
+        """
+        In a turn, a write one byte short of L{BULK} waits for the turn.
+        """
+        outbox, transport = Outbox(), WriteRecorder()
+        outbox.holdTurn()
+        outbox.hold()
+        outbox.write(transport, b"x" * (BULK - 1))
+        outbox.release()
+        self.assertEqual(transport.writes, [])
+        outbox.releaseTurn()
+        self.assertEqual(len(transport.value()), BULK - 1)
 
     def test_afterInputDoesNotWaitForTheTurn(self):
         """
