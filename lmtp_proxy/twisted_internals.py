@@ -221,7 +221,8 @@ def dispatchEventsLightly(reactor, outbox=None):
     compare what was logged, raised and left in the context.
 
     @param outbox: an L{lmtp_proxy.outbox.Outbox} held for each turn that
-        found events (L{lmtp_proxy.outbox.Outbox.holdTurn}), or C{None}.
+        found several events (L{lmtp_proxy.outbox.Outbox.holdTurn}), or
+        C{None}.
     @return: whether the reactor now dispatches this way.
     """
     try:
@@ -253,7 +254,8 @@ def dispatchEventsLightly(reactor, outbox=None):
             return
         outer = context.get(logContext)
         contexts = context.theContextTracker.currentContext().contexts
-        if outbox is None:
+        if outbox is None or len(events) == 1:
+            # One event's writes are joined by its own hold already.
             dispatch(events, outer, contexts)
             return
         outbox.holdTurn()

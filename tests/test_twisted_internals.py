@@ -531,6 +531,21 @@ class LightDispatchTests(unittest.TestCase):
         self.assertEqual((seen, len(transport.writes)), ([b"", b""], 1))
         self.assertEqual(sorted(transport.value()), sorted(b"ab"))
 
+    def test_turnOfOneEventHoldsNothing(self):
+        """
+        A turn that found one event does not hold the outbox: a write made
+        outside the event's own hold leaves at once.
+        """
+        outbox, transport = Outbox(), WriteRecorder()
+        seen = []
+
+        def write():
+            outbox.write(transport, b"a")
+            seen.append(transport.value())
+
+        self.turn(outbox, lambda r: [_Readable(self, "a", onRead=write)])
+        self.assertEqual(seen, [b"a"])
+
     def test_turnReleasedAfterKeyboardInterrupt(self):
         """
         A C{KeyboardInterrupt} that stops a turn still ends the outbox's
@@ -542,13 +557,8 @@ class LightDispatchTests(unittest.TestCase):
             self.turn,
             outbox,
             lambda r: [
-                _Readable(
-                    self,
-                    "a",
-                    onRead=lambda: outbox.write(transport, b"a"),
-                    why=main.CONNECTION_DONE,
-                    onLost=KeyboardInterrupt(),
-                )
+                _Readable(self, "a", onRead=lambda: outbox.write(transport, b"a")),
+                _Readable(self, "b", why=main.CONNECTION_DONE, onLost=KeyboardInterrupt()),
             ],
         )
         outbox.write(transport, b"b")
@@ -566,7 +576,11 @@ class LightDispatchTests(unittest.TestCase):
 
         outbox = Outbox()
         self.turn(
-            outbox, lambda r: [_Readable(self, "a", onRead=lambda: outbox.write(Broken(), b"a"))]
+            outbox,
+            lambda r: [
+                _Readable(self, "a", onRead=lambda: outbox.write(Broken(), b"a")),
+                _Readable(self, "b"),
+            ],
         )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         transport = WriteRecorder()
