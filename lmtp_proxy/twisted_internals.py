@@ -25,7 +25,7 @@ The items:
     (C{tests.test_outbox.TLSSendTests}).
   - L{dispatchEventsLightly}: an epoll reactor's events dispatched without
     Twisted's per-event context copies, with the outbox held for each turn
-    (C{tests.test_twisted_internals.LightDispatchTests}).
+    of several events (C{tests.test_twisted_internals.LightDispatchTests}).
   - L{cacheLogTimestamps}: twistd's text log observer formatting each
     second's timestamp once
     (C{tests.test_twisted_internals.LogTimestampTests}).
