@@ -9,7 +9,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
-from lmtp_proxy.pool import BackendPool
+from lmtp_proxy.pool import EXCESS_IDLE, BackendPool
 
 
 class _Transport:
@@ -37,11 +37,11 @@ class _Client:
         self.lines.append(line)
 
 
-def configured(idle=10):
+def configured(idle=10, size=2):
     return configuration.parse(
         yaml.safe_dump(
             {
-                "config": {"socket": "/s", "pool_size": 2, "pool_idle_timeout": idle},
+                "config": {"socket": "/s", "pool_size": size, "pool_idle_timeout": idle},
                 "backends": {"a": {"host": "127.0.0.1", "port": 24}},
                 "users": {},
             }
@@ -157,6 +157,81 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.pool.release(self.backend, client, self.config)
         self.clock.advance(10)
+        self.assertEqual(client.lines, [b"QUIT"])
+
+    def releaseAll(self, count):
+        """
+        Acquire C{count} connections at once, then release them in order.
+        """
+        clients = [self.acquire()[0] for _ in range(count)]
+        for client in clients:
+            self.pool.release(self.backend, client, self.config)
+        return clients
+
+    def test_excessKeptBriefly(self):
+        """
+        A connection released while C{pool_size} others are idle is kept
+        L{EXCESS_IDLE} seconds, not C{pool_idle_timeout}; those within
+        C{pool_size} stay.
+        """
+        first, second, third = self.releaseAll(3)
+        self.clock.advance(EXCESS_IDLE)
+        self.assertEqual(
+            [c.lines for c in (first, second, third)], [[], [], [b"QUIT"]]
+        )
+        self.clock.advance(10 - EXCESS_IDLE)
+        self.assertEqual(
+            [c.lines for c in (first, second, third)], [[b"QUIT"], [b"QUIT"], [b"QUIT"]]
+        )
+
+    def test_excessReusedWithinItsTime(self):
+        """
+        A connection kept beyond C{pool_size} serves the next transaction,
+        without a new connection.
+        """
+        first, second, third = self.releaseAll(3)
+        self.clock.advance(EXCESS_IDLE / 2)
+        self.assertEqual(self.acquire(), (third, True))
+        self.assertEqual(len(self.made), 3)
+
+    def test_excessAfterALongerTimeout(self):
+        """
+        A connection kept for C{pool_idle_timeout} before, released again
+        as excess, goes after L{EXCESS_IDLE} seconds: its earlier timer does
+        not keep it longer.
+        """
+        first, second = self.releaseAll(2)
+        self.assertEqual(self.acquire(), (second, True))
+        self.assertEqual(self.acquire(), (first, True))
+        self.pool.release(self.backend, self.acquire()[0], self.config)
+        self.pool.release(self.backend, second, self.config)
+        self.pool.release(self.backend, first, self.config)
+        self.clock.advance(EXCESS_IDLE)
+        self.assertEqual((first.lines, first.usable), ([b"QUIT"], False))
+        self.assertEqual(second.lines, [])
+
+    def test_excessStaysWhenTheOthersWent(self):
+        """
+        A connection released as excess, of which an elder idle connection
+        was used and closed meanwhile, is one of the C{pool_size} that stay:
+        it is kept C{pool_idle_timeout}.
+        """
+        first, second, third = self.releaseAll(3)
+        taken = self.pool.acquire(self.backend, self.config, lambda c: c is first)
+        self.assertEqual(self.successResultOf(taken), (first, True))
+        first.transport.closed = True
+        self.clock.advance(EXCESS_IDLE)
+        self.assertEqual((second.lines, third.lines), ([], []))
+        self.clock.advance(10 - EXCESS_IDLE)
+        self.assertEqual((second.lines, third.lines), ([b"QUIT"], [b"QUIT"]))
+
+    def test_noPoolNoExcess(self):
+        """
+        With C{pool_size} 0 a released connection gets QUIT at once.
+        """
+        self.config = configured(size=0)
+        client = self.acquire()[0]
+        self.pool.release(self.backend, client, self.config)
         self.assertEqual(client.lines, [b"QUIT"])
 
     def test_closeIdleLeavesNoTimer(self):
