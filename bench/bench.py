@@ -181,7 +181,7 @@ IDENTITY_USERS = [("bench@bench.test", "sinkA", "bench@rewritten.test")] + [
 def identity_yaml(port, A, B, rewrite):
     """Our proxy's config for the identity cells: plain rows, or rows
     that rewrite every recipient, with XCLIENT allowed from 127.0.0.1."""
-    lines = ["config:", "  socket: [127.0.0.1, %d]" % port, "  pool_size: 8",
+    lines = ["config:", "  socket: [127.0.0.1, %d]" % port,
              "  workers: %d" % int(os.environ.get("WORKERS") or 1),
              "  allowed_xclient: [127.0.0.0/8]",
              "backends:",

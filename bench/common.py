@@ -432,7 +432,6 @@ def proxy_yaml(port, backends, users, extra_config="", workers=None):
     lines = ["config:",
              "  socket: [127.0.0.1, %d]" % port,
              "  ignoreDomain: false",
-             "  pool_size: 8",
              "  workers: %d" % workers]
     if extra_config:
         lines.append(extra_config.rstrip("\n"))

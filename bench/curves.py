@@ -483,7 +483,7 @@ def header(title, name, a, ctx, elapsed, W, Wsrc, runs=None):
         "Command: `%s` (run %s, this curve %.0f s).  Machine: %s." % (
             ctx["cmdline"], time.strftime("%Y-%m-%d %H:%M:%S %Z"), elapsed, ctx["machine"]),
         "",
-        "Our proxy: `workers: %d` (%s), `pool_size: 8`, from `%s`.  %s" % (
+        "Our proxy: `workers: %d` (%s), `pool_size` as shipped, from `%s`.  %s" % (
             W, Wsrc, C.venv_dir(), runs or
             "Runs: a warm-up per target (also listed, not in the medians) sizes "
             "the runs (messages for %.0f s at the faster target's warm-up rate); "

@@ -42,7 +42,6 @@ def make_config(port, a_port, b_port, users, flip):
     lines = ["config:",
              "  socket: [127.0.0.1, %d]" % port,
              "  ignoreDomain: false",
-             "  pool_size: 8",
              "backends:",
              "  sinkA: {host: 127.0.0.1, port: %d}" % a_port,
              "  sinkB: {host: 127.0.0.1, port: %d}" % b_port,

@@ -200,7 +200,7 @@ def our_yaml(port, sinkPorts, certs, mode):
     """mode: starttls, implicit or plain."""
     ca, certificate, key = certs
     workers = int(os.environ.get("WORKERS") or 1)
-    lines = ["config:", "  socket: [127.0.0.1, %d]" % port, "  pool_size: 8",
+    lines = ["config:", "  socket: [127.0.0.1, %d]" % port,
              "  workers: %d" % workers]
     if mode == "starttls":
         lines += ["  tls: {certificate: %s, key: %s}" % (certificate, key),
