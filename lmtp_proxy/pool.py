@@ -72,8 +72,8 @@ class BackendPool:
         self.metrics = metrics
         self.outbox = Outbox()
         self._idle = defaultdict(list)
-        # Per connection: its expiry timer, and when it last became idle
-        # with the pool_idle_timeout then in force.
+        # Per connection: its expiry timer, and when it last became idle,
+        # for how long, and the configuration then in force.
         self._timers = {}
         self._idleSince = {}
         self.health = BackendHealth(reactor)
