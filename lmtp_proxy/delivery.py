@@ -200,7 +200,7 @@ class BackendSession:
             if (
                 not self._mailSent
                 and identity is not None
-                and not identity.sameAs(client.xclientFor)
+                and not self._toldOfClient(client)
                 and "XCLIENT" in client.extensions
             ):
                 # Once per client session on a connection, pooled or not.

@@ -36,6 +36,24 @@ def sendNow(transport, data):
         transport.write(data[sent:])
 
 
+def _sendEach(waiting):
+    """
+    Send what waits for each transport in C{waiting}. A turn's writes go to
+    many sessions at once: one transport whose write raises must not keep
+    the others' replies back, so the first error is raised once every
+    transport had its turn.
+    """
+    error = None
+    for transport, chunks in waiting.items():
+        try:
+            sendNow(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        except Exception as e:
+            if error is None:
+                error = e
+    if error is not None:
+        raise error
+
+
 class Outbox:
     """
     Sends what the proxy writes, joining the writes made while one chunk of
@@ -98,8 +116,7 @@ class Outbox:
             else:
                 self._bulky = []
                 waiting, self._waiting = self._waiting, {}
-                for transport, chunks in waiting.items():
-                    sendNow(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                _sendEach(waiting)
         finally:
             while self._after:
                 after, self._after = self._after, []

@@ -249,7 +249,8 @@ class BackendPool:
             self._idleSince[client] = (since, timeout, config)
         left = since + timeout - self._reactor.seconds()
         if left > 0:
-            # Used and released again since this timer started.
+            # Used and released again since this timer started, or kept
+            # longer as one of the pool_size.
             self._timers[client] = self._reactor.callLater(left, self._expire, backend, client)
             return
         idle.remove(client)

@@ -303,6 +303,24 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         outbox.releaseTurn()
         self.assertEqual(transport.writes, [b"250 2.2.0 Ok\r\n" * 3])
 
+    def test_failedSendKeepsNoOtherBack(self):
+        """
+        At the end of a turn, a transport whose write raises does not keep
+        the writes to the other transports back; the error is raised after
+        they were sent.
+        """
+
+        class Broken(StringTransport):
+            def write(self, data):
+                raise RuntimeError("broken")
+
+        outbox, other = Outbox(), StringTransport()
+        outbox.holdTurn()
+        outbox.write(Broken(), b"250 2.2.0 Ok\r\n")
+        outbox.write(other, b"250 2.2.0 Ok\r\n")
+        self.assertRaises(RuntimeError, outbox.releaseTurn)
+        self.assertEqual(other.value(), b"250 2.2.0 Ok\r\n")
+
     def test_turnWithoutInputStillHolds(self):
         """
         A write made in a turn outside any input (a connection set up, one
