@@ -50,7 +50,11 @@ from lmtp_proxy.reloader import loadAtStart, reloadConfig
 from lmtp_proxy.serving import serverFactory
 from lmtp_proxy.state import DrainTimeout, ProxyState
 from lmtp_proxy.status import combine, processView
-from lmtp_proxy.twisted_internals import cacheLogTimestamps, dispatchEventsLightly
+from lmtp_proxy.twisted_internals import (
+    cacheLogTimestamps,
+    dispatchEventsLightly,
+    formatPlainLogLines,
+)
 from lmtp_proxy.workers import Workers
 
 
@@ -95,6 +99,7 @@ def makeService(options):
     proxy = ProxyService(loaded, reactor)
     dispatchEventsLightly(reactor, proxy.pool.outbox)
     cacheLogTimestamps()
+    formatPlainLogLines()
     return proxy
 
 

@@ -29,13 +29,16 @@ The items:
   - L{cacheLogTimestamps}: twistd's text log observer formatting each
     second's timestamp once
     (C{tests.test_twisted_internals.LogTimestampTests}).
+  - L{formatPlainLogLines}: twistd's text log observer writing a line
+    whose text is formatted already without Twisted's formatter
+    (C{tests.test_twisted_internals.PlainLogLineTests}).
 """
 
 import errno
 
 from twisted.internet import tcp, unix
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.logger import formatTime, timeFormatRFC3339
+from twisted.logger import formatEventAsClassicLogText, formatTime, timeFormatRFC3339
 from twisted.protocols.haproxy._wrapper import (
     HAProxyProtocolWrapper,
     HAProxyWrappingFactory,
@@ -364,6 +367,99 @@ def cacheLogTimestamps():
     _file.formatTime = _TimestampsBySecond(current)
     return True
 
+
+
+def _plainText(event):
+    """
+    The text of C{event} when its format is one field holding text, or has
+    no field at all; L{None} when it needs Twisted's formatter.
+    """
+    if "log_failure" in event or "log_flattened" in event:
+        return None
+    format = event.get("log_format")
+    if type(format) is not str:
+        return None
+    if format[:1] == "{" and format[-1:] == "}" and format[1:-1].isidentifier():
+        text = event.get(format[1:-1])
+        return text if type(text) is str else None
+    if "{" in format or "}" in format:
+        return None
+    return format
+
+
+def _plainSystem(event):
+    """
+    The system C{event} is shown under, as Twisted names it from
+    C{log_system}, or C{log_namespace} and C{log_level}; L{None} when any of
+    them is not what Twisted's own loggers put there.
+    """
+    system = event.get("log_system")
+    if system is not None:
+        return system if type(system) is str else None
+    namespace = event.get("log_namespace", "-")
+    level = event.get("log_level")
+    if type(namespace) is not str:
+        return None
+    if level is None:
+        return namespace + "#-"
+    name = getattr(level, "name", None)
+    return namespace + "#" + name if type(name) is str else None
+
+
+class _PlainLines:
+    """
+    Twisted's C{formatEventAsClassicLogText}, with a short way for an event
+    whose text needs no formatting.
+    """
+
+    def __init__(self, formatEventAsClassicLogText):
+        self.formatEventAsClassicLogText = formatEventAsClassicLogText
+
+    def __call__(self, event, formatTime=formatTime):
+        """
+        Format C{event} as C{twisted.logger.formatEventAsClassicLogText}
+        does.
+        """
+        text = _plainText(event)
+        system = _plainSystem(event) if text is not None else None
+        if system is None:
+            return self.formatEventAsClassicLogText(event, formatTime)
+        if not text:
+            return None
+        line = formatTime(event.get("log_time")) + " [" + system + "] " + text
+        return line.replace("\n", "\n\t") + "\n"
+
+
+def formatPlainLogLines():
+    """
+    Make twistd's text log observer write an event whose format is one
+    field holding text (how each recipient's outcome line is logged), or
+    has no field at all, without Twisted's general formatter.
+
+    Twisted's formatter parses the format string in Python for every line,
+    and evaluates type hints at run time to name the line's system; for the
+    outcome line, whose text is formatted already, that was most of what
+    the observer spent. Every other event, and any event with a failure,
+    goes through Twisted's own C{formatEventAsClassicLogText}, and the
+    short way writes the same line it would.
+
+    Relies on the observer's C{formatEvent} calling the name
+    C{formatEventAsClassicLogText} of the private module
+    C{twisted.logger._file} for every line. When Twisted changes that,
+    nothing is replaced, or C{tests.test_twisted_internals.PlainLogLineTests}
+    fails first.
+
+    @return: whether the observer now writes such lines this way.
+    """
+    from twisted.logger import _file
+
+    current = getattr(_file, "formatEventAsClassicLogText", None)
+    if isinstance(current, _PlainLines):
+        return True
+    if current is not formatEventAsClassicLogText:
+        return False
+    _file.formatEventAsClassicLogText = _PlainLines(current)
+    return True
 
 class _SharedUNIXPort(unix.Port):
     """

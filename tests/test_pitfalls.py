@@ -629,9 +629,11 @@ class TwistdPitfallTests(unittest.TestCase):
         port = deadPort()
         path = writeConfig(self, GOOD_CONFIG.format(port=port))
         # Trial's reactor keeps Twisted's own dispatch, and its log
-        # observers Twisted's own timestamps, for the tests after.
+        # observers Twisted's own timestamps and formatter, for the tests
+        # after.
         self.patch(proxyservice, "dispatchEventsLightly", lambda *args: False)
         self.patch(proxyservice, "cacheLogTimestamps", lambda: False)
+        self.patch(proxyservice, "formatPlainLogLines", lambda: False)
         svc = proxyservice.makeService({"config": path})
         self.assertIsInstance(svc, proxyservice.ProxyService)
         probe = socket.socket()

@@ -392,14 +392,16 @@ class TreeTests(unittest.TestCase):
 
     def setUp(self):
         # Trial's reactor keeps Twisted's own dispatch, and its log
-        # observers Twisted's own timestamps: the tests after these must
-        # not run in a process that one of them changed.
+        # observers Twisted's own timestamps and formatter: the tests after
+        # these must not run in a process that one of them changed.
         self.lightened = []
         self.patch(
             service, "dispatchEventsLightly", lambda *args: self.lightened.append(args)
         )
         self.timestampsCached = []
         self.patch(service, "cacheLogTimestamps", lambda: self.timestampsCached.append(True))
+        self.plainLines = []
+        self.patch(service, "formatPlainLogLines", lambda: self.plainLines.append(True))
 
     def build(self, **settings):
         """
@@ -454,6 +456,15 @@ class TreeTests(unittest.TestCase):
         """
         self.build()
         self.assertEqual(self.timestampsCached, [True])
+
+    def test_plainLogLines(self):
+        """
+        L{makeService} has twistd's text log observer write each
+        recipient's outcome line without Twisted's formatter, with
+        L{lmtp_proxy.twisted_internals.formatPlainLogLines}.
+        """
+        self.build()
+        self.assertEqual(self.plainLines, [True])
 
     def test_metricsListener(self):
         """

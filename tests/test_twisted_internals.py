@@ -10,6 +10,7 @@ import socket
 import stat
 import time
 from io import StringIO
+from types import SimpleNamespace
 
 from twisted.internet import defer, main, protocol, reactor
 from twisted.internet.epollreactor import EPollReactor
@@ -26,15 +27,18 @@ from twisted.logger import (
 from twisted.logger import _file as loggerFile
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python import context, log
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.twisted_internals import (
+    _PlainLines,
     _TimestampsBySecond,
     adoptSharedUNIXPort,
     cacheLogTimestamps,
     discardLineBuffer,
     dispatchEventsLightly,
+    formatPlainLogLines,
     listenUNIXQuietly,
 )
 from tests.support import WriteRecorder, liveSocket, unixPath
@@ -776,3 +780,145 @@ class LogTimestampTests(unittest.TestCase):
         self.patch(loggerFile, "formatTime", other)
         self.assertFalse(cacheLogTimestamps())
         self.assertIs(loggerFile.formatTime, other)
+
+
+class _Text(str):
+    """
+    Text of a type of its own, which Twisted formats by its C{__format__}.
+    """
+
+    def __format__(self, spec):
+        return "formatted " + self
+
+
+class PlainLogLineTests(unittest.TestCase):
+    """
+    L{formatPlainLogLines} has twistd's text log observer write an event
+    whose text needs no formatting without Twisted's formatter, in the line
+    Twisted would write.
+    """
+
+    def setUp(self):
+        # Restored after each test, whatever a test installs.
+        self.patch(loggerFile, "formatEventAsClassicLogText", formatEventAsClassicLogText)
+
+    def outcome(self, **extra):
+        """
+        An event logged as each recipient's outcome line is.
+        """
+        event = dict(
+            log_format="{outcome}",
+            outcome="1A2B3C: to=<a{b}c@example.test>, status=sent (250 2.0.0 Ok)",
+            txid="1A2B3C",
+            log_namespace="lmtp_proxy.delivery.Delivery",
+            log_level=LogLevel.info,
+            log_time=_CLOCKS_FORWARD - 0.5,
+        )
+        event.update(extra)
+        return event
+
+    def counted(self):
+        """
+        A L{_PlainLines} and the list of the events it passed to Twisted's
+        formatter.
+        """
+        passed = []
+
+        def counting(event, formatTime=formatTime):
+            passed.append(event)
+            return formatEventAsClassicLogText(event, formatTime)
+
+        return _PlainLines(counting), passed
+
+    def test_plainEventsTakeTheShortWay(self):
+        """
+        An event whose format is one field holding text, or has no field,
+        gets the line Twisted's formatter would give it, without that
+        formatter.
+        """
+        events = [
+            self.outcome(),
+            self.outcome(log_format="Server Shut Down."),
+            self.outcome(log_system="worker 1"),
+            self.outcome(log_level=None),
+            self.outcome(log_time=None),
+            self.outcome(outcome="first line\nsecond line"),
+            self.outcome(outcome=""),
+        ]
+        del events[-1]["log_namespace"]
+        plain, passed = self.counted()
+        self.assertEqual(
+            [plain(event) for event in events],
+            [formatEventAsClassicLogText(event) for event in events],
+        )
+        self.assertEqual(passed, [])
+
+    def test_otherEventsFormattedByTwisted(self):
+        """
+        An event with fields to format, a field that is not text, a
+        failure, flattened fields, or a system or level name that is not
+        text goes through Twisted's formatter.
+        """
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        events = [
+            self.outcome(log_format="{txid}: {outcome}"),
+            self.outcome(log_format="{txid!r}"),
+            self.outcome(log_format="{{outcome}}"),
+            self.outcome(log_format="{outcome.upper()}", **{"outcome.upper()": "text"}),
+            self.outcome(log_format="{missing}"),
+            self.outcome(log_format=b"{outcome}"),
+            self.outcome(outcome=12),
+            self.outcome(outcome=_Text("line")),
+            self.outcome(log_failure=failure),
+            self.outcome(log_flattened={"outcome!:": "flat"}),
+            self.outcome(log_system=7),
+            self.outcome(log_level=SimpleNamespace(name=7)),
+            self.outcome(log_namespace=None),
+        ]
+        plain, passed = self.counted()
+        self.assertEqual(
+            [plain(event) for event in events],
+            [formatEventAsClassicLogText(event) for event in events],
+        )
+        self.assertEqual(passed, events)
+
+    def test_observerLinesUnchanged(self):
+        """
+        Once installed, twistd's text observer writes the lines it wrote
+        with Twisted's own formatter.
+        """
+        events = [self.outcome(outcome="line %d" % (n,)) for n in range(3)]
+        events.append(self.outcome(log_format="{txid}: {outcome}"))
+        self.assertTrue(formatPlainLogLines())
+        self.assertIsInstance(loggerFile.formatEventAsClassicLogText, _PlainLines)
+        written = StringIO()
+        observer = textFileLogObserver(written)
+        for event in events:
+            observer(event)
+        self.assertEqual(
+            written.getvalue(), "".join(formatEventAsClassicLogText(event) for event in events)
+        )
+
+    def test_installedOnce(self):
+        """
+        Installing twice keeps one short way in front of Twisted's
+        formatter.
+        """
+        self.assertTrue(formatPlainLogLines())
+        installed = loggerFile.formatEventAsClassicLogText
+        self.assertTrue(formatPlainLogLines())
+        self.assertIs(loggerFile.formatEventAsClassicLogText, installed)
+        self.assertIs(installed.formatEventAsClassicLogText, formatEventAsClassicLogText)
+
+    def test_changedTwistedLeftAlone(self):
+        """
+        When the observer's module no longer names Twisted's
+        C{formatEventAsClassicLogText}, nothing is replaced.
+        """
+        other = lambda event, formatTime=None: None  # noqa: E731
+        self.patch(loggerFile, "formatEventAsClassicLogText", other)
+        self.assertFalse(formatPlainLogLines())
+        self.assertIs(loggerFile.formatEventAsClassicLogText, other)
