@@ -368,7 +368,6 @@ def cacheLogTimestamps():
     return True
 
 
-
 def _plainText(event):
     """
     The text of C{event} when its format is one field holding text, or has
@@ -438,8 +437,8 @@ def formatPlainLogLines():
 
     Twisted's formatter parses the format string in Python for every line,
     and evaluates type hints at run time to name the line's system; for the
-    outcome line, whose text is formatted already, that was most of what
-    the observer spent. Every other event, and any event with a failure,
+    outcome line, whose text is formatted already, all that work gives back
+    the text it was given. Every other event, and any event with a failure,
     goes through Twisted's own C{formatEventAsClassicLogText}, and the
     short way writes the same line it would.
 
@@ -460,6 +459,7 @@ def formatPlainLogLines():
         return False
     _file.formatEventAsClassicLogText = _PlainLines(current)
     return True
+
 
 class _SharedUNIXPort(unix.Port):
     """
