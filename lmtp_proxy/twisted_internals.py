@@ -357,15 +357,7 @@ def cacheLogTimestamps():
 
     @return: whether the observer now formats timestamps this way.
     """
-    from twisted.logger import _file
-
-    current = getattr(_file, "formatTime", None)
-    if isinstance(current, _TimestampsBySecond):
-        return True
-    if current is not formatTime:
-        return False
-    _file.formatTime = _TimestampsBySecond(current)
-    return True
+    return _inFrontOfTextObserver("formatTime", formatTime, _TimestampsBySecond)
 
 
 def _plainText(event):
@@ -450,14 +442,27 @@ def formatPlainLogLines():
 
     @return: whether the observer now writes such lines this way.
     """
+    return _inFrontOfTextObserver(
+        "formatEventAsClassicLogText", formatEventAsClassicLogText, _PlainLines
+    )
+
+
+def _inFrontOfTextObserver(name, original, wrapper):
+    """
+    Put C{wrapper(original)} in the place of the name C{name} of
+    C{twisted.logger._file}, which twistd's text observer calls for every
+    line, once, and only while that name is still Twisted's C{original}.
+
+    @return: whether the name is now a C{wrapper}.
+    """
     from twisted.logger import _file
 
-    current = getattr(_file, "formatEventAsClassicLogText", None)
-    if isinstance(current, _PlainLines):
+    current = getattr(_file, name, None)
+    if isinstance(current, wrapper):
         return True
-    if current is not formatEventAsClassicLogText:
+    if current is not original:
         return False
-    _file.formatEventAsClassicLogText = _PlainLines(current)
+    setattr(_file, name, wrapper(current))
     return True
 
 

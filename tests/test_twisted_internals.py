@@ -625,11 +625,56 @@ _SUMMER_TIME_ZONE = "CET-1CEST,M3.5.0,M10.5.0/3"
 _CLOCKS_FORWARD = 1774746000
 
 
-class LogTimestampTests(unittest.TestCase):
+def _observerLines(events):
+    """
+    What twistd's text log observer writes for C{events}.
+    """
+    written = StringIO()
+    observer = textFileLogObserver(written)
+    for event in events:
+        observer(event)
+    return written.getvalue()
+
+
+class _InFrontOfTwistedMixin:
+    """
+    The tests every replacement of a function that twistd's text log
+    observer calls shares: C{install} puts it in the place of the name
+    C{name} of C{twisted.logger._file}, in front of Twisted's C{original},
+    which it keeps under the same name.
+    """
+
+    def test_installedOnce(self):
+        """
+        Installing twice keeps one replacement in front of Twisted's own
+        function.
+        """
+        self.assertTrue(self.install())
+        installed = getattr(loggerFile, self.name)
+        self.assertTrue(self.install())
+        self.assertIs(getattr(loggerFile, self.name), installed)
+        self.assertIs(getattr(installed, self.name), self.original)
+
+    def test_changedTwistedLeftAlone(self):
+        """
+        When the observer's module no longer names Twisted's own function,
+        nothing is replaced.
+        """
+        other = lambda *args, **kwargs: None  # noqa: E731
+        self.patch(loggerFile, self.name, other)
+        self.assertFalse(self.install())
+        self.assertIs(getattr(loggerFile, self.name), other)
+
+
+class LogTimestampTests(_InFrontOfTwistedMixin, unittest.TestCase):
     """
     L{cacheLogTimestamps} has twistd's text log observer format each
     second's timestamp once, with the text of Twisted's C{formatTime}.
     """
+
+    name = "formatTime"
+    original = staticmethod(formatTime)
+    install = staticmethod(cacheLogTimestamps)
 
     def setUp(self):
         # Restored after each test, whatever a test installs.
@@ -752,34 +797,9 @@ class LogTimestampTests(unittest.TestCase):
         ]
         self.assertTrue(cacheLogTimestamps())
         self.assertIsInstance(loggerFile.formatTime, _TimestampsBySecond)
-        written = StringIO()
-        observer = textFileLogObserver(written)
-        for event in events:
-            observer(event)
         self.assertEqual(
-            written.getvalue(), "".join(formatEventAsClassicLogText(event) for event in events)
+            _observerLines(events), "".join(formatEventAsClassicLogText(event) for event in events)
         )
-
-    def test_installedOnce(self):
-        """
-        Installing twice keeps one cache in front of Twisted's
-        C{formatTime}.
-        """
-        self.assertTrue(cacheLogTimestamps())
-        installed = loggerFile.formatTime
-        self.assertTrue(cacheLogTimestamps())
-        self.assertIs(loggerFile.formatTime, installed)
-        self.assertIs(installed.formatTime, formatTime)
-
-    def test_changedTwistedLeftAlone(self):
-        """
-        When the observer's module no longer names Twisted's C{formatTime},
-        nothing is replaced.
-        """
-        other = lambda when, timeFormat=None, default="-": default  # noqa: E731
-        self.patch(loggerFile, "formatTime", other)
-        self.assertFalse(cacheLogTimestamps())
-        self.assertIs(loggerFile.formatTime, other)
 
 
 class _Text(str):
@@ -791,12 +811,16 @@ class _Text(str):
         return "formatted " + self
 
 
-class PlainLogLineTests(unittest.TestCase):
+class PlainLogLineTests(_InFrontOfTwistedMixin, unittest.TestCase):
     """
     L{formatPlainLogLines} has twistd's text log observer write an event
     whose text needs no formatting without Twisted's formatter, in the line
     Twisted would write.
     """
+
+    name = "formatEventAsClassicLogText"
+    original = staticmethod(formatEventAsClassicLogText)
+    install = staticmethod(formatPlainLogLines)
 
     def setUp(self):
         # Restored after each test, whatever a test installs.
@@ -894,31 +918,6 @@ class PlainLogLineTests(unittest.TestCase):
         events.append(self.outcome(log_format="{txid}: {outcome}"))
         self.assertTrue(formatPlainLogLines())
         self.assertIsInstance(loggerFile.formatEventAsClassicLogText, _PlainLines)
-        written = StringIO()
-        observer = textFileLogObserver(written)
-        for event in events:
-            observer(event)
         self.assertEqual(
-            written.getvalue(), "".join(formatEventAsClassicLogText(event) for event in events)
+            _observerLines(events), "".join(formatEventAsClassicLogText(event) for event in events)
         )
-
-    def test_installedOnce(self):
-        """
-        Installing twice keeps one short way in front of Twisted's
-        formatter.
-        """
-        self.assertTrue(formatPlainLogLines())
-        installed = loggerFile.formatEventAsClassicLogText
-        self.assertTrue(formatPlainLogLines())
-        self.assertIs(loggerFile.formatEventAsClassicLogText, installed)
-        self.assertIs(installed.formatEventAsClassicLogText, formatEventAsClassicLogText)
-
-    def test_changedTwistedLeftAlone(self):
-        """
-        When the observer's module no longer names Twisted's
-        C{formatEventAsClassicLogText}, nothing is replaced.
-        """
-        other = lambda event, formatTime=None: None  # noqa: E731
-        self.patch(loggerFile, "formatEventAsClassicLogText", other)
-        self.assertFalse(formatPlainLogLines())
-        self.assertIs(loggerFile.formatEventAsClassicLogText, other)
