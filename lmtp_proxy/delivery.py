@@ -181,7 +181,7 @@ class BackendSession:
             if self.client is None and self.failure is None:
                 try:
                     self.client, self._reused = yield self.transaction.delivery.pool.acquire(
-                        self.backend, self.config, self._toldOfClient
+                        self.backend, self.config, self._session()
                     )
                 except BackendError as e:
                     self.failure = e.reply
@@ -255,12 +255,20 @@ class BackendSession:
     def _toldOfClient(self, client):
         """
         Whether the backend connection C{client} already had XCLIENT for
-        this transaction's client session. Several sessions that share a
-        pool each get back the connection they used last, where they can,
-        so XCLIENT and the LHLO after it are not sent again per message.
+        this transaction's client session.
         """
         identity = self.transaction.identity
         return identity is not None and identity.sameAs(client.xclientFor)
+
+    def _session(self):
+        """
+        This transaction's client session, for the pool: several sessions
+        that share it each get back the connection that had their XCLIENT,
+        where they can, so XCLIENT and the LHLO after it are not sent again
+        per message.
+        """
+        identity = self.transaction.identity
+        return identity.session if identity is not None else None
 
     def _pooledConnectionLost(self, error, attempt):
         """

@@ -71,7 +71,12 @@ class BackendPool:
         self._connect = connect
         self.metrics = metrics
         self.outbox = Outbox()
-        self._idle = defaultdict(list)
+        # Per backend definition: its idle connections in the order they
+        # were released (a dict, so that finding or dropping one costs the
+        # same with a thousand idle as with one), and the same connections
+        # by the client session their last XCLIENT named.
+        self._idle = defaultdict(dict)
+        self._idleFor = defaultdict(dict)
         # Per connection: its expiry timer, and when it last became idle,
         # for how long, and the configuration then in force.
         self._timers = {}
@@ -87,18 +92,17 @@ class BackendPool:
         Return a L{Deferred} firing with C{(client, reused)}, or failing with
         a L{BackendError} (logged once here).
 
-        @param prefer: a predicate of an idle connection. The last released
-            connection it holds true for is handed out before the others;
+        @param prefer: a client session (the C{session} of an
+            L{lmtp_proxy.clientid.ClientIdentity}): the idle connection
+            whose last XCLIENT named it is handed out before the others;
             without one, the last released.
         """
         idle = self._idle.get(backend)
-        if idle and prefer is not None:
-            for i in range(len(idle) - 1, -1, -1):
-                if prefer(idle[i]):
-                    idle.append(idle.pop(i))
-                    break
         while idle:
-            client = idle.pop()
+            client = self._idleFor[backend].get(prefer) if prefer is not None else None
+            if client is None:
+                client = next(reversed(idle))
+            self._take(backend, client)
             # Its expiry timer is left to run: it will find the connection
             # in use and let it be (_expire), which costs less than a cancel
             # and a new timer per transaction.
@@ -209,7 +213,10 @@ class BackendPool:
         timeout = config.pool_idle_timeout
         if len(idle) >= config.pool_size:
             timeout = min(timeout, EXCESS_IDLE)
-        idle.append(client)
+        idle[client] = None
+        session = _toldOf(client)
+        if session is not None:
+            self._idleFor[backend][session] = client
         now = self._reactor.seconds()
         self._idleSince[client] = (now, timeout, config)
         timer = self._timers.get(client)
@@ -229,6 +236,7 @@ class BackendPool:
             for client in idle:
                 self._quit(client)
         self._idle.clear()
+        self._idleFor.clear()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -253,12 +261,31 @@ class BackendPool:
             # longer as one of the pool_size.
             self._timers[client] = self._reactor.callLater(left, self._expire, backend, client)
             return
-        idle.remove(client)
+        self._take(backend, client)
         del self._idleSince[client]
         self._quit(client)
+
+    def _take(self, backend, client):
+        """
+        Take the idle connection C{client} out of the pool.
+        """
+        del self._idle[backend][client]
+        session = _toldOf(client)
+        told = self._idleFor[backend]
+        if session is not None and told.get(session) is client:
+            del told[session]
 
     @staticmethod
     def _quit(client):
         if client.usable:
             client.sendLine(b"QUIT")
             client.transport.loseConnection()
+
+
+def _toldOf(client):
+    """
+    The client session (C{ClientIdentity.session}) that the last XCLIENT on
+    the connection C{client} named, or C{None}.
+    """
+    told = client.xclientFor
+    return told.session if told is not None else None

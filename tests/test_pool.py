@@ -9,6 +9,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from lmtp_proxy import config as configuration
+from lmtp_proxy.clientid import ClientIdentity
 from lmtp_proxy.pool import EXCESS_IDLE, BackendPool
 
 
@@ -28,6 +29,7 @@ class _Client:
     def __init__(self):
         self.transport = _Transport()
         self.lines = []
+        self.xclientFor = None
 
     @property
     def usable(self):
@@ -100,21 +102,23 @@ class PoolTests(unittest.TestCase):
 
     def test_preferredFirst(self):
         """
-        An idle connection that C{prefer} holds true for is handed out
-        before one released after it; the others keep their order.
+        The idle connection whose XCLIENT named the C{prefer} session is
+        handed out before one released after it; the others keep their
+        order.
         """
-        first, second = self.releaseBoth()
-        preferred = self.pool.acquire(self.backend, self.config, lambda c: c is first)
+        session = object()
+        first, second = self.releaseAll(2, told=session)
+        preferred = self.pool.acquire(self.backend, self.config, session)
         self.assertEqual(self.successResultOf(preferred), (first, True))
         self.assertEqual(self.acquire(), (second, True))
 
     def test_nonePreferred(self):
         """
-        When C{prefer} holds true for no idle connection, the one released
-        last is handed out.
+        When no idle connection had XCLIENT for the C{prefer} session, the
+        one released last is handed out.
         """
-        first, second = self.releaseBoth()
-        preferred = self.pool.acquire(self.backend, self.config, lambda c: False)
+        first, second = self.releaseAll(2, told=object())
+        preferred = self.pool.acquire(self.backend, self.config, object())
         self.assertEqual(self.successResultOf(preferred), (second, True))
 
     def test_unusablePreferredSkipped(self):
@@ -122,11 +126,38 @@ class PoolTests(unittest.TestCase):
         A preferred connection that the backend closed meanwhile is dropped
         and another is handed out.
         """
-        first, second = self.releaseBoth()
+        session = object()
+        first, second = self.releaseAll(2, told=session)
         first.transport.closed = True
-        preferred = self.pool.acquire(self.backend, self.config, lambda c: c is first)
+        preferred = self.pool.acquire(self.backend, self.config, session)
         self.assertEqual(self.successResultOf(preferred), (second, True))
         self.assertFalse(self.acquire()[1])
+
+    def test_preferredTakenByAnotherNotHandedOutAgain(self):
+        """
+        A connection that had a session's XCLIENT, handed out meanwhile to a
+        transaction that preferred nothing, is in use: the session that
+        prefers it gets another.
+        """
+        session = object()
+        (told,) = self.releaseAll(1, told=session)
+        self.assertEqual(self.acquire(), (told, True))
+        preferred = self.pool.acquire(self.backend, self.config, session)
+        client, reused = self.successResultOf(preferred)
+        self.assertIsNot(client, told)
+        self.assertFalse(reused)
+
+    def test_expiredPreferredNotHandedOut(self):
+        """
+        A connection that had a session's XCLIENT and got QUIT when its idle
+        time was over is not handed out to that session.
+        """
+        session = object()
+        (told,) = self.releaseAll(1, told=session)
+        self.clock.advance(10)
+        self.assertEqual(told.lines, [b"QUIT"])
+        preferred = self.pool.acquire(self.backend, self.config, session)
+        self.assertFalse(self.successResultOf(preferred)[1])
 
     def test_idleTimeoutCountsFromTheLastRelease(self):
         """
@@ -159,11 +190,16 @@ class PoolTests(unittest.TestCase):
         self.clock.advance(10)
         self.assertEqual(client.lines, [b"QUIT"])
 
-    def releaseAll(self, count):
+    def releaseAll(self, count, told=None):
         """
-        Acquire C{count} connections at once, then release them in order.
+        Acquire C{count} connections at once, then release them in order:
+        the first after an XCLIENT for the client session C{told}, if one
+        is given, the others after XCLIENTs for other sessions.
         """
         clients = [self.acquire()[0] for _ in range(count)]
+        if told is not None:
+            for client, session in zip(clients, [told] + [object() for _ in clients[1:]]):
+                client.xclientFor = ClientIdentity(session=session)
         for client in clients:
             self.pool.release(self.backend, client, self.config)
         return clients
@@ -216,8 +252,9 @@ class PoolTests(unittest.TestCase):
         was used and closed meanwhile, is one of the C{pool_size} that stay:
         it is kept C{pool_idle_timeout}.
         """
-        first, second, third = self.releaseAll(3)
-        taken = self.pool.acquire(self.backend, self.config, lambda c: c is first)
+        session = object()
+        first, second, third = self.releaseAll(3, told=session)
+        taken = self.pool.acquire(self.backend, self.config, session)
         self.assertEqual(self.successResultOf(taken), (first, True))
         first.transport.closed = True
         self.clock.advance(EXCESS_IDLE)
@@ -247,3 +284,15 @@ class PoolTests(unittest.TestCase):
         self.pool.closeIdle()
         self.assertEqual((first.lines, second.lines), ([b"QUIT"], []))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closedByCloseIdleNotPreferred(self):
+        """
+        After C{closeIdle}, a connection it closed is not handed out to the
+        session whose XCLIENT it had; one released since is.
+        """
+        session = object()
+        (told,) = self.releaseAll(1, told=session)
+        self.pool.closeIdle()
+        (later,) = self.releaseAll(1)
+        preferred = self.pool.acquire(self.backend, self.config, session)
+        self.assertEqual(self.successResultOf(preferred), (later, True))
