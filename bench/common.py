@@ -557,26 +557,34 @@ class LMTPClient:
             raise LMTPError("%s -> %s" % (text, " | ".join(lines)))
         return code, lines
 
-    def send(self, sender, rcpts, body):
+    def send(self, sender, rcpts, body, marks=None):
         """body: bytes (CRLF lines, already dot-safe) or an iterable of
-        bytes chunks.  Returns the list of per-recipient final replies."""
+        bytes chunks.  Returns the list of per-recipient final replies.
+        marks: a list that gets time.perf_counter() appended after the MAIL
+        reply, the last RCPT reply, the DATA reply and the last final reply."""
+        mark = marks.append if marks is not None else (lambda t: None)
         self.cmd("MAIL FROM:<%s>" % sender)
+        mark(time.perf_counter())
         ok = []
         for r in rcpts:
             code, lines = self.cmd("RCPT TO:<%s>" % r, expect=None)
             if code.startswith("2"):
                 ok.append(r)
+        mark(time.perf_counter())
         if not ok:
             self.cmd("RSET")
             return []
         self.cmd("DATA", expect="3")
+        mark(time.perf_counter())
         if isinstance(body, (bytes, bytearray)):
             self.sock.sendall(bytes(body) + b".\r\n")
         else:
             for chunk in body:
                 self.sock.sendall(chunk)
             self.sock.sendall(b".\r\n")
-        return [self.reply() for _ in ok]
+        replies = [self.reply() for _ in ok]
+        mark(time.perf_counter())
+        return replies
 
     def quit(self):
         try:

@@ -7,7 +7,9 @@
 3. Latency added per message at one kept session: median and p99 of the
    per-message round trip (MAIL .. last per-recipient reply) of a small
    Python LMTP client, proxy vs direct sink (and Dovecot's proxy; and, with
-   BASELINE_VENV set, our proxy from that venv as "base").
+   BASELINE_VENV set, our proxy from that venv as "base"), and the median
+   of each phase of it (MAIL, the RCPTs, DATA, the message up to the last
+   final reply).
 
     bench/memory.py [--quick] [--big-mb 50] [--sessions 1000]
                     [--latency-msgs 2000] [--no-dovecot] [--results FILE]
@@ -147,11 +149,18 @@ def idle_sessions(proxy, count):
             "errors": errors}
 
 
+PHASES = ("MAIL", "RCPT", "DATA", "message")
+
+
 def latency(targets, sinks, msgs, rcpts, block=100):
-    """targets: [(name, port)]; interleave blocks of `block` messages."""
+    """targets: [(name, port)]; interleave blocks of `block` messages.
+    Returns ({name: [round trip]}, {name: {phase: [time]}}, errors): the
+    phases are the MAIL round trip, the RCPT round trips together, the DATA
+    round trip, and the message up to the last final reply."""
     body = C.make_body(1000, "latency")
     conns = {n: C.LMTPClient(p) for n, p in targets}
     times = {n: [] for n, _ in targets}
+    phases = {n: {p: [] for p in PHASES} for n, _ in targets}
     errors = []
     done = 0
     while done < msgs:
@@ -159,20 +168,43 @@ def latency(targets, sinks, msgs, rcpts, block=100):
         for name, _ in targets:
             c = conns[name]
             for _ in range(k):
-                t = time.perf_counter()
+                marks = [time.perf_counter()]
                 try:
-                    r = c.send(FROM, rcpts, body)
+                    r = c.send(FROM, rcpts, body, marks)
                 except (OSError, C.LMTPError) as e:
                     errors.append("%s: %s" % (name, e))
                     conns[name] = c = C.LMTPClient(dict(targets)[name])
                     continue
-                times[name].append(time.perf_counter() - t)
+                times[name].append(marks[-1] - marks[0])
+                for phase, start, end in zip(PHASES, marks, marks[1:]):
+                    phases[name][phase].append(end - start)
                 if len(r) != len(rcpts) or any(not x[0].startswith("2") for x in r):
                     errors.append("%s: replies %s" % (name, r))
         done += k
     for c in conns.values():
         c.quit()
-    return times, errors
+    return times, phases, errors
+
+
+def phase_table(by_phase, names):
+    """The median of each phase of the latency runs, per target: where a
+    message's round trip goes."""
+    out = ["Where that time goes: the median of each phase of the same "
+           "messages, in microseconds.  MAIL, DATA: the round trip of the "
+           "command (a proxy answers both itself); RCPT: all the RCPT round "
+           "trips of a message (a proxy answers each once its backend did); "
+           "message: the message and final dot sent, up to the last final "
+           "reply.", "",
+           "| rcpts | target | %s |" % " | ".join(PHASES),
+           "|---|---|%s" % ("---|" * len(PHASES))]
+    for rl, phases in by_phase:
+        for name in names:
+            if not phases[name][PHASES[0]]:
+                continue
+            out.append("| %s | %s | %s |" % (rl, name, " | ".join(
+                "%.0f" % (C.pct(phases[name][p], 0.5) * 1e6) for p in PHASES)))
+    out.append("")
+    return out
 
 
 def start_baseline(wd, A, B, failures):
@@ -320,10 +352,12 @@ def main():
         out.append("| rcpts | target | median | p90 | p99 | max | added (median) "
                    "| added (p99) |")
         out.append("|---|---|---|---|---|---|---|---|")
+        by_phase = []
         for rl, rcpts in (("1", ["bench@bench.test"]),
                           ("5 split", SPLIT5)):
             C.log("latency %s" % rl)
-            times, errors = latency(targets, sinks, a.latency_msgs, rcpts)
+            times, phases, errors = latency(targets, sinks, a.latency_msgs, rcpts)
+            by_phase.append((rl, phases))
             if errors:
                 failures += errors[:5]
             base = times["direct"]
@@ -343,6 +377,7 @@ def main():
                 out.append("")
                 out.append("**FAIL**: " + "; ".join(errors[:3]))
         out.append("")
+        out += phase_table(by_phase, [name for name, _ in targets])
     if proxy.alive():
         out.append("Proxy RSS at the end %s, VmHWM since last reset %s."
                    % (C.mb(C.rss_kb(proxy.pid)), C.mb(C.hwm_kb(proxy.pid))))
