@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,6 +36,19 @@ def scrape(port):
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def scrapeOnceUp(port):
+    """
+    L{scrape}, or nothing while the HTTP port refuses: the proxy binds it
+    just after its LMTP socket, which the start-up wait connects to.
+    """
+    try:
+        return scrape(port)
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ConnectionRefusedError):
+            return {}
+        raise
 
 
 def recipients(samples, backend, outcome):
@@ -70,7 +84,7 @@ class MetricsEndToEndTests(unittest.TestCase):
             "users": {"@old.test": "old", "@sink.test": "sink", "@busy.test": "busy",
                       "carol@old.test": "reject"},
         })
-        peers.waitFor(lambda: scrape(port).get(("lmtp_proxy_processes", ())) == 2, 30,
+        peers.waitFor(lambda: scrapeOnceUp(port).get(("lmtp_proxy_processes", ())) == 2, 30,
                       what="the worker to answer")
         sent = 6
         for n in range(sent):
