@@ -150,6 +150,7 @@ class BackendSession:
         self.accepted = 0
         self._reused = False
         self._mailSent = False
+        self._mailReply = None
         self._repliesFailed = False
         self._throttle = None
         self._goAhead = None
@@ -166,18 +167,32 @@ class BackendSession:
         client.
 
         The first RCPT goes out together with the MAIL FROM, so that a
-        backend offering PIPELINING costs one round trip, not two.
+        backend offering PIPELINING costs one round trip, not two; on an
+        idle pooled connection it goes out at once, without a Deferred
+        between taking the connection and writing.
         """
         client = self.client
-        if client is None or not self._mailSent:
-            return self._firstRcpt(address, params)
-        return client.command(
-            b"RCPT TO:<" + address + b">" + _forwarded(params, client)
-        ).addCallbacks(self._rcptAnswered, self._rcptFailed)
+        if client is not None and self._mailSent:
+            return client.command(
+                b"RCPT TO:<" + address + b">" + _forwarded(params, client)
+            ).addCallbacks(self._rcptAnswered, self._rcptFailed)
+        if client is None and self.failure is None and not self._aborted:
+            client = self.transaction.delivery.pool.takeIdle(self.backend, self._session())
+            if client is not None:
+                self.client, self._reused = client, True
+        if client is not None and (client.pipelining or not self._mustTell(client)):
+            return self._sendFirst(client, address, params, 0)
+        return self._firstRcpt(address, params, 0)
 
     @defer.inlineCallbacks
-    def _firstRcpt(self, address, params):
-        for attempt in (0, 1):
+    def _firstRcpt(self, address, params, first):
+        """
+        The first RCPT where something must be waited for before MAIL: a new
+        connection, or the answer to XCLIENT from a backend without
+        PIPELINING. A pooled connection found closed earns one more try
+        (C{first} is the number of the try).
+        """
+        for attempt in range(first, 2):
             if self.client is None and self.failure is None:
                 try:
                     self.client, self._reused = yield self.transaction.delivery.pool.acquire(
@@ -196,22 +211,9 @@ class BackendSession:
             if self.failure is not None:
                 return self.failure
             client = self.client
-            identity = self.transaction.identity
-            if (
-                not self._mailSent
-                and identity is not None
-                and not self._toldOfClient(client)
-                and "XCLIENT" in client.extensions
-            ):
-                # Once per client session on a connection, pooled or not.
-                told = client.xclient(identity, identity.xclient(client.extensions["XCLIENT"]))
+            if not client.pipelining and self._mustTell(client):
                 try:
-                    if client.pipelining:
-                        # MAIL follows in the same write. A lost connection
-                        # fails it too; a refused LHLO must as well.
-                        told.addErrback(lambda failure: client.abort())
-                    else:
-                        yield told
+                    yield self._tell(client)
                 except BackendError as e:
                     client.abort()
                     self.client = None
@@ -219,46 +221,82 @@ class BackendSession:
                         continue
                     self.failure = e.reply
                     return self.failure
-            mail = None
-            if not self._mailSent:
-                self._mailSent = True
-                tx = self.transaction
-                mail = client.command(
-                    b"MAIL FROM:<" + tx.sender + b">" + _forwarded(tx.params, client)
-                )
-            sent = client.command(
-                b"RCPT TO:<" + address + b">" + _forwarded(params, client)
-            )
-            if mail is not None:
-                try:
-                    result = yield mail
-                except BackendError as e:
-                    sent.addErrback(lambda failure: None)
-                    self.client = None
-                    if self._pooledConnectionLost(e, attempt):
-                        self._mailSent = False
-                        continue
-                    self.failure = e.reply
-                    return self.failure
-                if not result.positive:
-                    # The backend answers the RCPT with a 503 we ignore.
-                    sent.addErrback(lambda failure: None)
-                    if 400 <= result.code < 600:
-                        self.failure = result.withEnhancedCode()
-                        self.reset()
-                    else:
-                        self.fail(BackendError("unexpected MAIL reply %d" % (result.code,)))
-                    return self.failure
-            result = yield sent.addCallbacks(self._rcptAnswered, self._rcptFailed)
+            result = yield self._sendFirst(client, address, params, attempt)
             return result
 
-    def _toldOfClient(self, client):
+    def _sendFirst(self, client, address, params, attempt):
         """
-        Whether the backend connection C{client} already had XCLIENT for
-        this transaction's client session.
+        Send MAIL and the first RCPT on C{client}, behind the XCLIENT that
+        the backend still needs if it takes one pipelined.
+
+        @param attempt: the number of this try (L{_firstRcpt}).
+        @return: a L{Deferred} firing with the RCPT's reply for the client.
+        """
+        if self._mustTell(client):
+            # MAIL follows in the same write. A lost connection fails it
+            # too; a refused LHLO must as well.
+            self._tell(client).addErrback(lambda failure: client.abort())
+        self._mailSent = True
+        self._mailReply = None
+        tx = self.transaction
+        # A MAIL that fails fails the RCPT behind it the same way, whose
+        # errback handles both.
+        client.command(
+            b"MAIL FROM:<" + tx.sender + b">" + _forwarded(tx.params, client)
+        ).addCallbacks(self._mailAnswered, _ignore)
+        return client.command(
+            b"RCPT TO:<" + address + b">" + _forwarded(params, client)
+        ).addCallbacks(
+            self._firstRcptAnswered,
+            self._firstRcptFailed,
+            errbackArgs=(address, params, attempt),
+        )
+
+    def _mailAnswered(self, result):
+        self._mailReply = result
+        if result.positive:
+            return
+        # The backend answers the RCPT with a 503, which is not passed on.
+        if 400 <= result.code < 600:
+            self.failure = result.withEnhancedCode()
+            self.reset()
+        else:
+            self.fail(BackendError("unexpected MAIL reply %d" % (result.code,)))
+
+    def _firstRcptAnswered(self, result):
+        if not self._mailReply.positive:
+            return self.failure
+        return self._rcptAnswered(result)
+
+    def _firstRcptFailed(self, failure, address, params, attempt):
+        if self._mailReply is not None:
+            # Lost after MAIL was answered; a refused MAIL's failure stays.
+            return self._rcptFailed(failure)
+        failure.trap(BackendError)
+        error = failure.value
+        self.client = None
+        if self._pooledConnectionLost(error, attempt):
+            self._mailSent = False
+            return self._firstRcpt(address, params, attempt + 1)
+        self.failure = error.reply
+        return self.failure
+
+    def _mustTell(self, client):
+        """
+        Whether the backend connection C{client} must have XCLIENT for this
+        transaction's client session before MAIL: once per client session
+        on a connection, pooled or not.
         """
         identity = self.transaction.identity
-        return identity is not None and identity.sameAs(client.xclientFor)
+        return (
+            identity is not None
+            and not identity.sameAs(client.xclientFor)
+            and "XCLIENT" in client.extensions
+        )
+
+    def _tell(self, client):
+        identity = self.transaction.identity
+        return client.xclient(identity, identity.xclient(client.extensions["XCLIENT"]))
 
     def _session(self):
         """
@@ -364,6 +402,10 @@ class BackendSession:
         """
         if self._goAhead is None:
             return self._noMessage()
+        if self._goAhead.called:
+            # The backend's 354 (or its failure) came while the message
+            # streamed, as it mostly does.
+            return self._sendDot()
         results = [defer.Deferred() for _ in range(self.accepted)]
 
         def endMessage(ignored):

@@ -87,15 +87,15 @@ class BackendPool:
         self._open = defaultdict(set)
         self._failures = {}
 
-    def acquire(self, backend, config, prefer=None):
+    def takeIdle(self, backend, prefer=None):
         """
-        Return a L{Deferred} firing with C{(client, reused)}, or failing with
-        a L{BackendError} (logged once here).
+        Hand out an idle connection to C{backend} at once, if there is one.
 
         @param prefer: a client session (the C{session} of an
             L{lmtp_proxy.clientid.ClientIdentity}): the idle connection
             whose last XCLIENT named it is handed out before the others;
             without one, the last released.
+        @return: an L{lmtp_proxy.client.LMTPClient}, or C{None}.
         """
         idle = self._idle.get(backend)
         while idle:
@@ -108,7 +108,20 @@ class BackendPool:
             # and a new timer per transaction.
             if client.usable:
                 self.metrics.reused(backend.name)
-                return defer.succeed((client, True))
+                return client
+        return None
+
+    def acquire(self, backend, config, prefer=None):
+        """
+        Return a L{Deferred} firing with C{(client, reused)}: an idle
+        connection (L{takeIdle}) or a new one; or failing with a
+        L{BackendError} (logged once here).
+
+        @param prefer: as for L{takeIdle}.
+        """
+        client = self.takeIdle(backend, prefer)
+        if client is not None:
+            return defer.succeed((client, True))
         health = self.health
         if not health.admit(backend.name):
             return defer.fail(health.refusal(backend.name))

@@ -485,6 +485,28 @@ class XclientToBackendTests(unittest.TestCase):
         self.assertEqual(backend.verbs().count(b"XCLIENT"), 1)
 
     @defer.inlineCallbacks
+    def test_withoutPipeliningInTurn(self):
+        """
+        A backend offering XCLIENT but not PIPELINING gets XCLIENT, LHLO and
+        MAIL in that order, on a new connection and on a pooled one that
+        serves another client session.
+        """
+        backend, proxy = forwardingProxy(
+            self, extensions=("8BITMIME", "XCLIENT ADDR PORT PROTO HELO LOGIN TTL TIMEOUT")
+        )
+        first = yield proxy.connect(self)
+        yield exchange(first, transaction([b"x@a.test"]), 6)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        second = yield proxy.connect(self)
+        yield exchange(second, transaction([b"y@a.test"]), 6)
+        self.assertEqual(backend.connections, 1)
+        self.assertEqual(
+            backend.verbs(),
+            [b"LHLO"] + [b"XCLIENT", b"LHLO", b"MAIL", b"RCPT", b"DATA"] * 2,
+        )
+        self.assertEqual(backend.messages, [BODY, BODY])
+
+    @defer.inlineCallbacks
     def test_lhloRefusedAfterXclient(self):
         """
         A backend that refuses the LHLO after XCLIENT is a fault: its

@@ -1253,6 +1253,55 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(len(a.messages), 2)
 
     @defer.inlineCallbacks
+    def test_secondDeadPooledNotRetried(self):
+        """
+        A pooled connection found dead at MAIL earns one more try, not two:
+        when the connection taken instead is a pooled one found dead too,
+        the recipient gets a 4xx.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 2})
+        first = yield proxy.connect(self)
+        second = yield proxy.connect(self)
+        # Two connections, both idle in the pool afterwards.
+        yield exchange(first, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n", 3)
+        yield exchange(second, transaction([b"y@a.test"], quit=False), 5)
+        yield exchange(first, b"DATA\r\n" + BODY + b".\r\n", 2)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        closed = []
+
+        def closeTwice(backend, line):
+            if len(closed) < 2:
+                closed.append(line)
+                backend.transport.loseConnection()
+            else:
+                backend.transport.write(b"250 2.1.0 Ok\r\n")
+
+        a.actions["MAIL"] = closeTwice
+        replies = yield exchange(first, b"MAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n", 2)
+        self.assertEqual(replies[1][:4], "451 ", replies)
+        self.assertEqual(len(closed), 2)
+        self.assertEqual(a.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_fencedTransactionTakesNoPooledConnection(self):
+        """
+        A transaction fenced at RCPT sends its backends nothing more, even
+        when the fence lifts before its next RCPT and an idle pooled
+        connection is at hand: that recipient gets 451.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 2})
+        first = yield proxy.connect(self)
+        second = yield proxy.connect(self)
+        yield exchange(first, b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n", 3)
+        yield exchange(second, transaction([b"y@a.test"], quit=False), 5)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        proxy.state.fence("lease expired")
+        proxy.state.unfence()
+        replies = yield exchange(first, b"RCPT TO:<z@a.test>\r\n", 1)
+        self.assertEqual(replies[0][:4], "451 ", replies)
+        self.assertEqual(a.verbs().count(b"MAIL"), 2)
+
+    @defer.inlineCallbacks
     def test_noPoolQuits(self):
         """
         With pool_size 0 every backend transaction ends with QUIT and the
