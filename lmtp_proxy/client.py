@@ -378,8 +378,10 @@ class LMTPClient(LineOnlyReceiver):
         self.xclientFor = identity
         sent = self.command(command)
         if self.pipelining:
-            lhlo = self._lhlo()
-            return sent.addCallback(lambda result: lhlo)
+            # The LHLO's reply comes after the XCLIENT's, and a lost
+            # connection fails both.
+            sent.addErrback(lambda failure: None)
+            return self._lhlo()
         return sent.addCallback(lambda result: self._lhlo() if result.code == 220 else None)
 
     # internals
@@ -401,9 +403,10 @@ class LMTPClient(LineOnlyReceiver):
         startTLS(self.transport, options)
         yield self._lhlo()
 
-    @defer.inlineCallbacks
     def _lhlo(self):
-        lhlo = yield self.command(b"LHLO " + self.hostname)
+        return self.command(b"LHLO " + self.hostname).addCallback(self._lhloAnswered)
+
+    def _lhloAnswered(self, lhlo):
         if not lhlo.positive:
             raise BackendProtocolError("LHLO refused with %d" % (lhlo.code,))
         self.extensions = _parseExtensions(lhlo.lines[1:])

@@ -4,6 +4,7 @@ transport with a fake clock, and over real sockets to a L{FakeBackend}.
 """
 
 import base64
+import gc
 import os
 import socket
 import tempfile
@@ -394,6 +395,20 @@ class ConnectionLostTests(unittest.TestCase):
         client.dataReceived(b"250-first\r\n")
         client.connectionLost(Failure(ConnectionDone()))
         failureOf(self, r, BackendLost)
+
+    def test_lostAfterPipelinedXclient(self):
+        """
+        A connection lost before a pipelining backend answered XCLIENT fails
+        what L{LMTPClient.xclient} returned with L{BackendLost}, and leaves
+        no failure unhandled.
+        """
+        client, transport, clock, d = handshaken()
+        told = client.xclient(None, b"XCLIENT HELO=client.test")
+        client.connectionLost(Failure(ConnectionDone()))
+        failureOf(self, told, BackendLost)
+        del told
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_abortWritesNothingMore(self):
         """
