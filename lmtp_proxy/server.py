@@ -172,6 +172,60 @@ class _LineFeeder:
             message.connectionLost()
 
 
+class _FinalReplies:
+    """
+    The final replies of one message: one per accepted recipient, in RCPT
+    order, each sent as soon as it and every earlier one are known.
+
+    A callback on each verdict rather than a generator waiting for one
+    after the other: a message has one verdict per recipient, and resuming
+    an C{inlineCallbacks} generator costs more than a callback.
+
+    @ivar done: a L{Deferred} that fires once the last is sent, or fails if
+        sending one raised.
+    """
+
+    __slots__ = ("_send", "_log", "_results", "_next", "_count", "done")
+
+    def __init__(self, send, log, verdicts):
+        """
+        @param send: called with each L{Reply}, in order.
+        @param log: the L{Logger} a failed verdict is logged to.
+        @param verdicts: what each recipient's C{IMessage.eomReceived}
+            returned (a L{Deferred}), in RCPT order.
+        """
+        self._send = send
+        self._log = log
+        self._results = {}
+        self._next = 0
+        self._count = len(verdicts)
+        self.done = defer.Deferred()
+        for index, verdict in enumerate(verdicts):
+            verdict.addBoth(self._arrived, index)
+
+    def _arrived(self, result, index):
+        self._results[index] = result
+        try:
+            while self._next in self._results:
+                self._send(self._reply(self._results.pop(self._next)))
+                self._next += 1
+        except Exception:
+            self.done.errback()
+            return
+        if self._next == self._count:
+            self.done.callback(None)
+
+    def _reply(self, result):
+        if isinstance(result, defer.Failure):
+            # Each accepted recipient is owed exactly one reply: a missing
+            # one would pair every later reply with the wrong command.
+            return replyForFailure(result, self._log, "final reply failed")
+        if not isinstance(result, Reply):
+            # A plain twisted.mail message succeeds with any value.
+            return DELIVERED
+        return result
+
+
 @implementer(IHandshakeListener)
 class LMTPServer(protocol.Protocol, TimeoutMixin):
     """
@@ -1043,30 +1097,8 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             for _ in messages:
                 self._send(error)
             return
-        self._wait(
-            self._relayVerdicts([message.eomReceived() for message in messages]),
-            VERDICTS,
-        )
-
-    @defer.inlineCallbacks
-    def _relayVerdicts(self, verdicts):
-        """
-        One reply per accepted recipient, in RCPT order, each sent as soon as
-        it and every earlier one are known.
-        """
-        for verdict in verdicts:
-            try:
-                result = yield verdict
-            except Exception:
-                # Each accepted recipient is owed exactly one reply: a
-                # missing one would pair every later reply with the
-                # wrong command.
-                result = replyForFailure(defer.Failure(), self.log, "final reply failed")
-            else:
-                if not isinstance(result, Reply):
-                    # A plain twisted.mail message succeeds with any value.
-                    result = DELIVERED
-            self._send(result)
+        verdicts = [message.eomReceived() for message in messages]
+        self._wait(_FinalReplies(self._send, self.log, verdicts).done, VERDICTS)
 
     # flow control, timeouts, closing
 

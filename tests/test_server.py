@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -28,7 +29,7 @@ from lmtp_proxy.interfaces import (
 )
 from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.reply import reply
-from lmtp_proxy.server import MAX_COMMAND_LINE, MAX_PENDING_INPUT, LMTPServer
+from lmtp_proxy.server import MAX_COMMAND_LINE, MAX_PENDING_INPUT, LMTPServer, _FinalReplies
 from lmtp_proxy.state import ProxyState
 
 CONFIG = """\
@@ -963,6 +964,31 @@ class DataTests(unittest.TestCase):
         self.assertTrue(s.last().startswith("552 5.3.4"))
         self.assertEqual(s.transaction.verdicts, None)
         self.assertEqual(s.transaction.body(), b"x" * 60 + b"\r\n")
+
+
+class FinalRepliesTests(unittest.TestCase):
+    """
+    L{_FinalReplies}: the final replies of a message, in RCPT order.
+    """
+
+    def test_sendingRaisesFailsDone(self):
+        """
+        A reply whose sending raises fails C{done}, and no later reply is
+        sent after it.
+        """
+        sent = []
+
+        def send(result):
+            sent.append(result)
+            if len(sent) == 1:
+                raise RuntimeError("cannot send")
+
+        first, second = defer.Deferred(), defer.Deferred()
+        replies = _FinalReplies(send, Logger(), [first, second])
+        first.callback(reply(250, "2.0.0 one"))
+        self.failureResultOf(replies.done, RuntimeError)
+        second.callback(reply(250, "2.0.0 two"))
+        self.assertEqual(sent, [reply(250, "2.0.0 one")])
 
 
 class SmugglingTests(unittest.TestCase):
