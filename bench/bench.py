@@ -306,6 +306,12 @@ def main():
         C.log("dovecot proxy up: pid %d port %d" % (dove.proc.pid, dove.port))
         targets.append(("dovecot", dove.port))
 
+    # The processes whose CPU time each message costs: a proxy's master and
+    # workers, Dovecot's master and its children.
+    processes = {t: p.proc.pid for t, p in proxies.items()}
+    if not a.no_dovecot:
+        processes["dovecot"] = dove.proc.pid
+
     for name, port in targets[1:]:
         probs = routing_check(name, port, sinks)
         failures += ["routing check %s: %s" % (name, p) for p in probs]
@@ -331,6 +337,7 @@ def main():
         label = "%s s=%d r=%d %s" % (fmt_size(size), s, r, conn)
         rates = {t: [] for t, _ in targets}
         errs = {t: [] for t, _ in targets}
+        cpu = {t: [] for t in processes}
         for run in range(a.runs):
             order = targets[run % len(targets):] + targets[:run % len(targets)]
             for tname, port in order:
@@ -343,7 +350,11 @@ def main():
                     want = {"sinkA": n, "sinkB": 0}
                 else:
                     want = {"sinkA": n, "sinkB": n}
+                if tname in processes:
+                    cpu0 = C.cpu_s(C.tree(processes[tname]))
                 dt, info = smtp_source(port, n, s, r, size, to, keep, a.timeout)
+                if tname in processes and dt is not None:
+                    cpu[tname].append((C.cpu_s(C.tree(processes[tname])) - cpu0) * 1e6 / n)
                 got = C.settle(sinks, {k: before[k] + v for k, v in want.items()})
                 delta = {k: got[k] - before[k] for k in got}
                 ok = delta == want
@@ -366,7 +377,7 @@ def main():
         hwm = C.largest_kb(C.hwm_kb, proxy.pids()) if proxy and proxy.alive() else None
         rss = C.largest_kb(C.rss_kb, proxy.pids()) if proxy and proxy.alive() else None
         res = {"size": size, "s": s, "r": r, "conn": conn, "n": n,
-               "rates": rates, "errs": errs, "hwm": hwm, "rss": rss}
+               "rates": rates, "errs": errs, "hwm": hwm, "rss": rss, "cpu": cpu}
         results.append(res)
         print(row_text(res, [t for t, _ in targets]), flush=True)
     elapsed = time.time() - t_start
@@ -538,6 +549,30 @@ def baseline_md(results, proxies, idle_rss, final_hwm):
     return out
 
 
+def cpu_md(results, tnames):
+    """
+    CPU time per message of each target's processes, which the other
+    processes on the machine disturb less than they do its throughput.
+    """
+    if not tnames:
+        return []
+    ratios = [(x, y) for x, y in (("ours", "base"), ("ours", "dovecot"))
+              if x in tnames and y in tnames]
+    out = ["CPU per message in microseconds (user + system of the target's "
+           "processes, children included; median over the runs):", "",
+           "| cell | " + " | ".join(tnames + ["%s/%s" % r for r in ratios]) + " |",
+           "|---|" + "---|" * (len(tnames) + len(ratios))]
+    for res in results:
+        cpu = {t: med(res["cpu"][t]) if res["cpu"][t] else None for t in tnames}
+        cells = ["%.0f" % cpu[t] if cpu[t] else "-" for t in tnames]
+        cells += ["%.2f" % (cpu[x] / cpu[y]) if cpu[x] and cpu[y] else "-"
+                  for x, y in ratios]
+        out.append("| %s s=%d r=%d %s | %s |" % (
+            fmt_size(res["size"]), res["s"], res["r"], res["conn"], " | ".join(cells)))
+    out.append("")
+    return out
+
+
 def render(a, results, tnames, cmdline, envdesc, wd, idle_rss, final_hwm,
            counters, failures, elapsed, proxies):
     out = ["## Throughput (smtp-source -L -> target -> smtp-sink -L)", ""]
@@ -588,6 +623,7 @@ def render(a, results, tnames, cmdline, envdesc, wd, idle_rss, final_hwm,
     for res in results:
         out.append(row_text(res, tnames))
     out.append("")
+    out += cpu_md(results, [t for t in tnames if results and t in results[0]["cpu"]])
     out.append("All runs (msg/s):")
     out.append("")
     out.append("| cell | " + " | ".join(tnames) + " |")

@@ -246,6 +246,35 @@ def reset_hwm(pid):
         return False
 
 
+def cpu_s(pids):
+    """CPU seconds (user + system) used so far by these processes, with
+    their reaped children (Dovecot's lmtp processes come and go)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15])     # utime stime cutime cstime
+    return total / tick
+
+
+def tree(pid):
+    """C{pid} and its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            with open("/proc/%d/task/%d/children" % (p, p)) as f:
+                todo += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
 def mb(kb):
     return "%.1f MB" % (kb / 1024.0)
 

@@ -240,35 +240,6 @@ class Ours:
         C.wait_port(self.port, 60, self.proc)
 
 
-def cpu_s(pids):
-    """CPU seconds (user + system) used so far by these processes, with
-    their reaped children (Dovecot's lmtp processes come and go)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open("/proc/%d/stat" % pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in fields[11:15])     # utime stime cutime cstime
-    return total / tick
-
-
-def tree(pid):
-    """C{pid} and its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            with open("/proc/%d/task/%d/children" % (p, p)) as f:
-                todo += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
 def count_lines(path, *needles):
     """How many lines of the file, and of its rotated copies (twistd's
     path.1, path.2...), hold every one of C{needles}."""
@@ -357,10 +328,10 @@ def tls_main(a, wd, smtp_source, routing_check, med):
                         for t, port in targets[rot:] + targets[:rot]:
                             before = {x.name: x.mesg() for x in (A, B)}
                             sbefore = shims.stats()
-                            cpu0 = (cpu_s(tree(proxies[t].proc.pid)), cpu_s(shims.pids()))
+                            cpu0 = (C.cpu_s(C.tree(proxies[t].proc.pid)), C.cpu_s(shims.pids()))
                             dt, info = smtp_source(port, n, s, r, size, to,
                                                    conn == "keep", a.timeout)
-                            cpu1 = (cpu_s(tree(proxies[t].proc.pid)), cpu_s(shims.pids()))
+                            cpu1 = (C.cpu_s(C.tree(proxies[t].proc.pid)), C.cpu_s(shims.pids()))
                             got = C.settle([A, B], {k: before[k] + v for k, v in want.items()})
                             dsink = {k: got[k] - before[k] for k in got}
                             d = delta(shims.stats(), sbefore)
