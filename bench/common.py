@@ -213,17 +213,6 @@ def hwm_kb(pid):
     return proc_status(pid)["VmHWM"]
 
 
-def with_children(pid):
-    """C{pid} and the PIDs of its children."""
-    pids = [pid]
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-            pids += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return pids
-
-
 def largest_kb(read, pids):
     """The largest of C{read(pid)} (rss_kb, hwm_kb) over the C{pids} that
     still exist."""
@@ -389,8 +378,8 @@ class DovecotProxy:
             wait_port(self.port, 15, self.proc)
 
     def lmtp_pids(self):
-        """PIDs of the master and its children (lmtp workers etc.)."""
-        return with_children(self.proc.pid)
+        """PIDs of the master and its descendants (lmtp workers etc.)."""
+        return tree(self.proc.pid)
 
 
 DOVECOT_CONF = """\
@@ -525,7 +514,7 @@ class OurProxy:
 
     def pids(self):
         """The master's PID and its workers'."""
-        return with_children(self.pid)
+        return tree(self.pid)
 
 
 def tail(path, n=30):

@@ -152,7 +152,7 @@ class CurvesDovecot(C.DovecotProxy):
     def lmtp_workers(self):
         """PIDs of the master's lmtp children."""
         out = []
-        for pid in C.with_children(self.proc.pid)[1:]:
+        for pid in C.tree(self.proc.pid)[1:]:
             try:
                 with open("/proc/%d/comm" % pid) as f:
                     if f.read().strip() == "lmtp":
