@@ -875,6 +875,7 @@ BODY = (
     b"Subject: \xe9t\xe9 \xff\x80\r\n"
     b"\r\n"
     b"..leading dot, stuffed\r\n"
+    b"a line ending in a dot.\r\n"
     b"bare\rCR in the middle\r\n"
     b"...\r\n"
     b"\r\n"
@@ -904,8 +905,9 @@ class DataTests(unittest.TestCase):
     def test_oneChunk(self):
         """
         The bytes given to write() are the client's dot-stuffed bytes exactly:
-        CRLF, 8-bit bytes, ".." lines, a bare CR inside a line and a first
-        line without ":" (no header or blank line is added, pitfall 6).
+        CRLF, 8-bit bytes, ".." lines, a line ending in a dot, a bare CR
+        inside a line and a first line without ":" (no header or blank line
+        is added, pitfall 6).
         """
         self.assertRelayed(self.deliver([BODY + b".\r\n"]))
 
@@ -1078,6 +1080,13 @@ class SmugglingTests(unittest.TestCase):
             before = b"Subject: x\n.\r\n"
             cut = len(b"Subject: x\n") + split - 1
             self.check(before, lambda data: [data[:cut], data[cut:]])
+
+    def test_bareLFFirstInRead(self):
+        """
+        A bare LF that is the first byte of a read, after a read that ended
+        in CRLF.
+        """
+        self.check(b"Subject: x\r\n\nbody\r\n", lambda data: [data[:12], data[12:]])
 
     def test_bareLFAfterLongLine(self):
         """
