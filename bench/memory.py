@@ -10,6 +10,9 @@
    BASELINE_VENV set, our proxy from that venv as "base"), and the median
    of each phase of it (MAIL, the RCPTs, DATA, the message up to the last
    final reply).
+4. The same with the envelope pipelined as Postfix sends it (MAIL, every
+   RCPT and DATA in one write), for 1, 5 and 50 recipients over two
+   backends.
 
     bench/memory.py [--quick] [--big-mb 50] [--sessions 1000]
                     [--latency-msgs 2000] [--no-dovecot] [--results FILE]
@@ -28,6 +31,11 @@ import common as C  # noqa: E402
 
 FROM = "src@harness.test"
 SPLIT5 = ["%sbench@split.test" % (str(i) if i > 1 else "") for i in range(5, 0, -1)]
+# Postfix's lmtp_destination_recipient_limit: odd ones to sinkA, even ones
+# to sinkB, through both proxies.
+SPLIT50 = ["%sbench@split.test" % (str(i) if i > 1 else "") for i in range(50, 0, -1)]
+USERS = C.BENCH_USERS[:1] + [("%dbench@split.test" % i, "sinkB")
+                             for i in range(2, 51, 2)] + C.BENCH_USERS[3:]
 
 
 class Sampler(threading.Thread):
@@ -186,6 +194,36 @@ def latency(targets, sinks, msgs, rcpts, block=100):
     return times, phases, errors
 
 
+def pipelined(targets, msgs, rcpts, block=100):
+    """targets: [(name, port)]; the round trip of each message (pipelined
+    envelope .. last final reply), blocks of `block` messages interleaved.
+    Returns ({name: [round trip]}, errors)."""
+    body = C.make_body(1000, "pipelined")
+    conns = {n: C.LMTPClient(p) for n, p in targets}
+    times = {n: [] for n, _ in targets}
+    errors = []
+    done = 0
+    while done < msgs:
+        k = min(block, msgs - done)
+        for name, _ in targets:
+            c = conns[name]
+            for _ in range(k):
+                t = time.perf_counter()
+                try:
+                    r = c.send_pipelined(FROM, rcpts, body)
+                except (OSError, C.LMTPError) as e:
+                    errors.append("%s: %s" % (name, e))
+                    conns[name] = c = C.LMTPClient(dict(targets)[name])
+                    continue
+                times[name].append(time.perf_counter() - t)
+                if len(r) != len(rcpts) or any(not x[0].startswith("2") for x in r):
+                    errors.append("%s: replies %s" % (name, r))
+        done += k
+    for c in conns.values():
+        c.quit()
+    return times, errors
+
+
 def phase_table(by_phase, names):
     """The median of each phase of the latency runs, per target: where a
     message's round trip goes."""
@@ -207,6 +245,39 @@ def phase_table(by_phase, names):
     return out
 
 
+def pipelined_table(targets, msgs, failures):
+    """Section 4: the pipelined envelope, 1, 5 and 50 recipients."""
+    names = [name for name, _ in targets]
+    msgs = max(100, msgs // 4)
+    out = ["### Latency per message, one kept session, 1 KB, the envelope "
+           "pipelined", "",
+           "MAIL, every RCPT and DATA in one write, as Postfix's LMTP client "
+           "sends them to a server offering PIPELINING, then the message: the "
+           "median round trip (envelope .. last final reply) in microseconds, "
+           "%d messages per target, in blocks of 100 interleaved across the "
+           "targets.  The recipients alternate between sinkA and sinkB "
+           "(direct: all to sinkA)." % msgs, "",
+           "| rcpts | %s |%s" % (" | ".join(names),
+                                 " ours/dovecot (speed) |" if "dovecot" in names else ""),
+           "|---|%s%s" % ("---|" * len(names), "---|" if "dovecot" in names else "")]
+    for rl, rcpts in (("1", ["bench@bench.test"]), ("5 split", SPLIT5),
+                      ("50 split", SPLIT50)):
+        C.log("pipelined %s" % rl)
+        times, errors = pipelined(targets, msgs, rcpts)
+        failures += errors[:5]
+        med = {n: C.pct(times[n], 0.5) * 1e6 if times[n] else None for n in names}
+        cells = ["%.0f" % med[n] if med[n] else "FAIL" for n in names]
+        if "dovecot" in names:
+            cells.append("%.2f" % (med["dovecot"] / med["ours"])
+                         if med["dovecot"] and med["ours"] else "-")
+        out.append("| %s | %s |" % (rl, " | ".join(cells)))
+        if errors:
+            out.append("")
+            out.append("**FAIL**: " + "; ".join(errors[:3]))
+    out.append("")
+    return out
+
+
 def start_baseline(wd, A, B, failures):
     """The "before" proxy from BASELINE_VENV for the latency comparison, or
     None (not set, or a FAIL).  Started only now, so that it is not in the
@@ -215,7 +286,8 @@ def start_baseline(wd, A, B, failures):
         return None
     try:
         return C.OurProxy(wd, backends={"sinkA": A.port, "sinkB": B.port},
-                          name="base", workers=1, venv=C.baseline_venv())
+                          users=USERS, name="base", workers=1,
+                          venv=C.baseline_venv())
     except C.Fail as e:
         C.log("FAIL: base proxy did not start:\n%s" % e)
         failures.append("base proxy did not start: %s" % str(e).splitlines()[0])
@@ -251,7 +323,7 @@ def main():
         # One process, so that every session and message is in the process
         # measured.
         proxy = C.OurProxy(wd, backends={"sinkA": A.port, "sinkB": B.port},
-                           workers=1)
+                           users=USERS, workers=1)
     except C.Fail as e:
         C.log("FAIL: our proxy did not start:\n%s" % e)
         C.update_section(a.results, "memory",
@@ -261,7 +333,7 @@ def main():
     dove = None
     if not a.no_dovecot:
         users = {"bench@split.test": A.port}
-        for i in range(2, 21):
+        for i in range(2, 51):
             users["%dbench@split.test" % i] = A.port if i % 2 else B.port
         dove = C.DovecotProxy(wd, users, {"bench.test": A.port})
     time.sleep(0.5)
@@ -378,6 +450,7 @@ def main():
                 out.append("**FAIL**: " + "; ".join(errors[:3]))
         out.append("")
         out += phase_table(by_phase, [name for name, _ in targets])
+        out += pipelined_table(targets, a.latency_msgs, failures)
     if proxy.alive():
         out.append("Proxy RSS at the end %s, VmHWM since last reset %s."
                    % (C.mb(C.rss_kb(proxy.pid)), C.mb(C.hwm_kb(proxy.pid))))

@@ -159,6 +159,9 @@ class BackendSession:
         self._holding = False
         self._unanswered = 0
         self._aborted = False
+        # While the first RCPT is out, the RCPTs pipelined behind it: they
+        # need its connection, its MAIL, or its retry.
+        self._behindFirst = None
         self.dotSent = False
 
     def rcpt(self, address, params):
@@ -169,8 +172,13 @@ class BackendSession:
         The first RCPT goes out together with the MAIL FROM, so that a
         backend offering PIPELINING costs one round trip, not two; on an
         idle pooled connection it goes out at once, without a Deferred
-        between taking the connection and writing.
+        between taking the connection and writing. A RCPT that comes while
+        the first is still out goes once that one is answered.
         """
+        if self._behindFirst is not None:
+            waiting = defer.Deferred()
+            self._behindFirst.append((waiting, address, params))
+            return waiting
         client = self.client
         if client is not None and self._mailSent:
             return client.command(
@@ -180,9 +188,28 @@ class BackendSession:
             client = self.transaction.delivery.pool.takeIdle(self.backend, self._session())
             if client is not None:
                 self.client, self._reused = client, True
+        self._behindFirst = []
         if client is not None and (client.pipelining or not self._mustTell(client)):
             return self._sendFirst(client, address, params, 0)
-        return self._firstRcpt(address, params, 0)
+        return self._firstRcpt(address, params, 0).addBoth(self._firstAnswered)
+
+    def _firstAnswered(self, result):
+        self._sendBehindFirst()
+        return result
+
+    def _sendBehindFirst(self):
+        """
+        The first RCPT is answered (or failed for good): send the RCPTs that
+        waited for it. Once is enough; the first RCPT's callbacks call this
+        without a Deferred's callback of its own where they can.
+        """
+        behind, self._behindFirst = self._behindFirst or (), None
+        for waiting, address, params in behind:
+            if self._aborted:
+                # Dropped meanwhile: no connection is taken or opened for them.
+                waiting.callback(self.failure or ABORTED)
+            else:
+                self.rcpt(address, params).chainDeferred(waiting)
 
     @defer.inlineCallbacks
     def _firstRcpt(self, address, params, first):
@@ -264,22 +291,30 @@ class BackendSession:
             self.fail(BackendError("unexpected MAIL reply %d" % (result.code,)))
 
     def _firstRcptAnswered(self, result):
-        if not self._mailReply.positive:
-            return self.failure
-        return self._rcptAnswered(result)
+        try:
+            if not self._mailReply.positive:
+                return self.failure
+            return self._rcptAnswered(result)
+        finally:
+            self._sendBehindFirst()
 
     def _firstRcptFailed(self, failure, address, params, attempt):
-        if self._mailReply is not None:
-            # Lost after MAIL was answered; a refused MAIL's failure stays.
-            return self._rcptFailed(failure)
-        failure.trap(BackendError)
-        error = failure.value
-        self.client = None
-        if self._pooledConnectionLost(error, attempt):
-            self._mailSent = False
-            return self._firstRcpt(address, params, attempt + 1)
-        self.failure = error.reply
-        return self.failure
+        if self._mailReply is None and failure.check(BackendError):
+            self.client = None
+            if self._pooledConnectionLost(failure.value, attempt):
+                self._mailSent = False
+                return self._firstRcpt(address, params, attempt + 1).addBoth(
+                    self._firstAnswered
+                )
+        try:
+            if self._mailReply is not None:
+                # Lost after MAIL was answered; a refused MAIL's failure stays.
+                return self._rcptFailed(failure)
+            failure.trap(BackendError)
+            self.failure = failure.value.reply
+            return self.failure
+        finally:
+            self._sendBehindFirst()
 
     def _mustTell(self, client):
         """

@@ -23,6 +23,7 @@ go out in command order.
 
 import binascii
 import re
+from collections import deque
 
 from twisted.cred.credentials import Anonymous
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -54,6 +55,10 @@ MAX_COMMAND_LINE = 4096
 # Past this much unread pipelined input, stop reading until the replies
 # owed catch up.
 MAX_PENDING_INPUT = 65536
+# RCPTs started while an earlier one is still at its backend, at most:
+# RFC 5321 4.5.3.1.8 has a server take 100 recipients, and Postfix
+# pipelines up to lmtp_destination_recipient_limit (50) of them.
+MAX_RCPTS_AHEAD = 100
 
 _PATH = re.compile(r"^(FROM|TO):\s*(<[^>]*>|[^\s<>]*)(.*)$", re.IGNORECASE | re.DOTALL)
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
@@ -97,6 +102,7 @@ LOGIN = "login"  # waiting for the portal's avatar
 SASL = "sasl"  # reading the client's answer to a SASL challenge
 COMMAND = "command"  # reading commands
 WAITING = "waiting"  # a command's reply is outstanding; input waits
+# (but for RCPTs pipelined behind a RCPT, which start at once)
 DATA = "data"  # reading the message
 VERDICTS = "verdicts"  # past the final dot, relaying the verdicts
 CLOSED = "closed"
@@ -268,6 +274,10 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self._helo = (b"", b"")
         self._draining = False
         self._skipping = False
+        # Whether the reply awaited is a RCPT's; and the RCPTs pipelined
+        # behind it, already started, whose replies follow it in order.
+        self._rcptAwaited = False
+        self._ahead = deque()
         self._pauses = set()
         self._closeTimer = None
         self.peer = "unknown"
@@ -433,10 +443,15 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
                         # another one.
                         self._shutdownNow()
                         break
-                    if not self._readCommand():
+                    if self._ahead:
+                        self._answer(self._ahead.popleft(), rcpt=True)
+                    elif not self._readCommand():
                         break
                 elif mode is DATA:
                     if not self._readData():
+                        break
+                elif mode is WAITING and self._rcptAwaited:
+                    if not self._readRcptAhead():
                         break
                 else:
                     break
@@ -481,6 +496,31 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
             self._command(line)
         return True
 
+    def _readRcptAhead(self):
+        """
+        The L{WAITING} mode's reader while a RCPT is at its backend: start
+        the next command at once if it is a RCPT too, so that a pipelined
+        group's RCPTs reach their backends together rather than one round
+        trip after another (RFC 2920). Its reply waits its turn in
+        L{_ahead}; anything else waits until every reply before it left.
+
+        @return: whether a line was consumed.
+        """
+        buf = self._buffer
+        end = buf.find(b"\n")
+        if (
+            end < 0
+            or end > MAX_COMMAND_LINE
+            or len(self._ahead) >= MAX_RCPTS_AHEAD
+            or buf[:5].upper() != b"RCPT "
+        ):
+            return False
+        line = bytes(buf[:end])
+        del buf[: end + 1]
+        # The CR goes with the argument's surrounding space.
+        self._ahead.append(self._run(line)[1])
+        return True
+
     def _refuseLongLine(self):
         """
         Refuse a command line over L{MAX_COMMAND_LINE}; an AUTH exchange it
@@ -492,24 +532,42 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         self._send(LINE_TOO_LONG)
 
     def _command(self, line):
+        verb, result = self._run(line)
+        self._answer(result, verb == "RCPT")
+
+    def _run(self, line):
+        """
+        Run one command line.
+
+        @return: its verb in upper case (or C{None}) and its reply, a
+            L{Deferred} firing with it, or C{None}.
+        """
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
             text = self._decodeAddressLine(line)
             if text is None:
-                self._send(BAD_CHARACTERS)
-                return
+                return None, BAD_CHARACTERS
         verb, _, argument = text.partition(" ")
-        handler = getattr(self, "lmtp_" + verb.upper(), None)
+        verb = verb.upper()
+        handler = getattr(self, "lmtp_" + verb, None)
         if handler is None:
-            self._send(UNRECOGNISED)
-            return
+            return verb, UNRECOGNISED
         try:
-            result = handler(argument.strip())
+            return verb, handler(argument.strip())
         except Exception:
             self.log.failure("command {verb} failed", verb=verb)
-            result = INTERNAL_ERROR
+            return verb, INTERNAL_ERROR
+
+    def _answer(self, result, rcpt=False):
+        """
+        Send a command's reply, or wait for it.
+
+        @param rcpt: whether the command was a RCPT, behind which RCPTs
+            may start while its reply is awaited.
+        """
         if isinstance(result, defer.Deferred):
+            self._rcptAwaited = rcpt
             self._wait(result)
         elif result is not None:
             self._send(result)
@@ -775,11 +833,7 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         The L{SASL} mode's handler: the client's answer to a challenge.
         """
         self.mode = COMMAND
-        result = self._saslAnswer(line)
-        if isinstance(result, defer.Deferred):
-            self._wait(result)
-        else:
-            self._send(result)
+        self._answer(self._saslAnswer(line))
 
     def _saslAnswer(self, encoded):
         credentials = self._sasl
@@ -898,19 +952,23 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
         user = Recipient(
             Path(_toBytes(address), mailbox, parsed.params), self._helo, self, self._origin
         )
+        # Pipelined RCPTs can be answered out of order: each recipient has
+        # its place in RCPT order from the start.
+        accepted = self._accepted
+        accepted.append(None)
+        place = (accepted, len(accepted) - 1, user)
         try:
             result = self.delivery.validateTo(user)
         except Exception:
             return self._recipientRefused(defer.Failure())
         if isinstance(result, defer.Deferred):
             return result.addCallbacks(
-                self._recipientAccepted, self._recipientRefused, callbackArgs=(user,)
+                self._recipientAccepted, self._recipientRefused, callbackArgs=place
             )
-        return self._recipientAccepted(result, user)
+        return self._recipientAccepted(result, *place)
 
-    def _recipientAccepted(self, builder, user):
-        self._builders.append(builder)
-        self._users.append(user)
+    def _recipientAccepted(self, builder, accepted, index, user):
+        accepted[index] = (builder, user)
         if IMessageStream.providedBy(builder):
             return builder.rcptReply
         return RECIPIENT_OK
@@ -921,12 +979,15 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
     def lmtp_DATA(self, argument):
         if self._origin is None:
             return NEED_MAIL
-        if not self._builders:
+        accepted = [recipient for recipient in self._accepted if recipient is not None]
+        if not accepted:
             return NEED_RCPT
         # Before any backend is sent DATA: a delivery that fails here leaves
         # nothing half begun.
-        header = self.delivery.receivedHeader(self._helo, self._origin, self._users)
-        messages = [builder() for builder in self._builders]
+        header = self.delivery.receivedHeader(
+            self._helo, self._origin, [user for _, user in accepted]
+        )
+        messages = [builder() for builder, _ in accepted]
         transactions = []
         plain = []
         for message in messages:
@@ -1162,8 +1223,7 @@ class LMTPServer(protocol.Protocol, TimeoutMixin):
     def _resetEnvelope(self):
         self._origin = None
         self._utf8 = False
-        self._builders = []
-        self._users = []
+        self._accepted = []
         self._messages = None
         self._transactions = ()
         self._dataError = None

@@ -238,6 +238,10 @@ class TransactionTests(unittest.TestCase):
         )
         self.assertEqual(replies[2], "452 4.3.1 Insufficient system storage")
         self.assertTrue(replies[3].startswith("250"), replies)
+        # The RCPT to b went out while a's MAIL was still unanswered; a's
+        # connection comes back to the pool once its RSET is answered.
+        backend = proxy.config.backends["a"]
+        yield waitUntil(lambda: proxy.pool.describe(backend)["pooled"] == 1)
 
 
 class BackendFaultTests(unittest.TestCase):
@@ -1149,6 +1153,121 @@ class AuthTests(unittest.TestCase):
         self.assertEqual(b.messages, [BODY])
         self.assertNotIn(b"MAIL", a.verbs())
         self.assertNoSecrets(events)
+
+
+class PipelinedRcptTests(unittest.TestCase):
+    """
+    RCPTs a client pipelines reach their backends without waiting for the
+    replies before them; each backend still gets its first RCPT behind MAIL
+    alone, and the client its replies in RCPT order.
+    """
+
+    def holdFirstRcpt(self, backend):
+        """
+        Leave the first RCPT C{backend} gets unanswered; return the list
+        that gets its connection.
+        """
+        held = []
+
+        def hold(connection, line):
+            held.append(connection)
+            del backend.actions["RCPT"]
+
+        backend.actions["RCPT"] = hold
+        return held
+
+    @defer.inlineCallbacks
+    def test_backendsGetTheirRcptsAtOnce(self):
+        """
+        A RCPT for a second backend goes out while the first backend has
+        not answered the RCPT before it.
+        """
+        a, b, proxy = twoBackends(self)
+        held = self.holdFirstRcpt(a)
+        client = yield proxy.connect(self)
+        pending = exchange(
+            client,
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<y@b.test>\r\n",
+            4,
+        )
+        yield waitUntil(lambda: b"RCPT" in b.verbs() and held)
+        self.assertEqual(client.codes(), [220, 250, 250])
+        held[0].transport.write(b"250 2.1.5 Ok\r\n")
+        replies = yield pending
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "250"])
+
+    @defer.inlineCallbacks
+    def test_sameBackendRcptWaitsForTheFirst(self):
+        """
+        A RCPT for a backend whose first RCPT is unanswered goes out once
+        that one is answered, on the same connection and transaction.
+        """
+        a, b, proxy = twoBackends(self)
+        held = self.holdFirstRcpt(a)
+        client = yield proxy.connect(self)
+        pending = exchange(
+            client,
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<z@a.test>\r\n",
+            4,
+        )
+        yield waitUntil(lambda: held)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(a.verbs(), [b"LHLO", b"MAIL", b"RCPT"])
+        held[0].transport.write(b"250 2.1.5 Ok\r\n")
+        replies = yield pending
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "250"])
+        self.assertEqual(a.verbs(), [b"LHLO", b"MAIL", b"RCPT", b"RCPT"])
+        self.assertEqual(a.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_rcptsBehindARetriedFirst(self):
+        """
+        Pipelined RCPTs behind a first one whose pooled connection turns
+        out dead follow it to the new connection: every recipient gets the
+        message there, and the client sees no 4xx.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 1})
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"], quit=False), 5)
+        closed = []
+
+        def closeOnce(backend, line):
+            if closed:
+                backend.transport.write(b"250 2.1.0 Ok\r\n")
+            else:
+                closed.append(line)
+                backend.transport.loseConnection()
+
+        a.actions["MAIL"] = closeOnce
+        replies = yield exchange(client, mail([b"x@a.test", b"z@a.test"]), 6)
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "354", "250", "250"])
+        self.assertEqual(a.connections, 2)
+        self.assertEqual(len(a.messages), 2)
+        self.assertEqual(a.verbs()[-4:], [b"MAIL", b"RCPT", b"RCPT", b"DATA"])
+
+
+    @defer.inlineCallbacks
+    def test_rcptBehindADroppedFirstOpensNothing(self):
+        """
+        When the client leaves while the first RCPT for a backend still
+        waits for its connection, the RCPT pipelined behind it takes or
+        opens no connection.
+        """
+        a, b, proxy = twoBackends(self)
+        a.greeting = None
+        client = yield proxy.connect(self)
+        client.send(
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<z@a.test>\r\n"
+        )
+        yield waitUntil(lambda: a.open)
+        client.transport.abortConnection()
+        yield waitUntil(lambda: not proxy.factory.sessions)
+        for connection in list(a.open):
+            connection.transport.write(b"220 fake.test LMTP ready\r\n")
+        yield waitUntil(lambda: b"LHLO" in a.verbs())
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(a.connections, 1)
+        self.assertEqual(a.verbs(), [b"LHLO"])
 
 
 class PoolTests(unittest.TestCase):

@@ -29,7 +29,13 @@ from lmtp_proxy.interfaces import (
 )
 from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.reply import reply
-from lmtp_proxy.server import MAX_COMMAND_LINE, MAX_PENDING_INPUT, LMTPServer, _FinalReplies
+from lmtp_proxy.server import (
+    MAX_COMMAND_LINE,
+    MAX_PENDING_INPUT,
+    MAX_RCPTS_AHEAD,
+    LMTPServer,
+    _FinalReplies,
+)
 from lmtp_proxy.state import ProxyState
 
 CONFIG = """\
@@ -769,7 +775,7 @@ class PipeliningTests(unittest.TestCase):
         s.send(envelope([b"x@a.test", b"y@a.test", b"z@a.test"]) + b"hello\r\n.\r\nQUIT\r\n")
         self.assertEqual(s.codes(), [220, 250, 250])
         t = s.transaction
-        self.assertEqual(len(t.rcpts), 1)
+        self.assertEqual(len(t.rcpts), 3)
         t.fireRcpt(0)
         self.assertEqual(s.codes(), [220, 250, 250, 250])
         t.fireRcpt(1, RCPT_UNKNOWN)
@@ -789,6 +795,96 @@ class PipeliningTests(unittest.TestCase):
             [b"250 2.0.0 <x@a.test> delivered", b"250 2.0.0 <z@a.test> delivered", b"221 2.0.0 Bye"],
         )
         self.assertTrue(s.closed)
+
+    def test_pipelinedRcptsStartTogether(self):
+        """
+        RCPTs pipelined behind a RCPT whose backend has not answered are
+        started at once, whatever their case; the command after them is
+        not run before all of them are answered.
+        """
+        s = Session(auto=False)
+        s.send(b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@a.test>\r\n")
+        s.send(b"rcpt to:<y@a.test>\r\nRCPT TO:<z@a.test>\r\nRSET\r\n")
+        t = s.transaction
+        self.assertEqual([r[0] for r in t.rcpts], [b"x@a.test", b"y@a.test", b"z@a.test"])
+        self.assertEqual(s.codes(), [220, 250, 250])
+        t.fireRcpt(2)
+        t.fireRcpt(1)
+        self.assertEqual((s.codes(), t.resets), ([220, 250, 250], 0))
+        t.fireRcpt(0)
+        self.assertEqual((s.codes(), t.resets), ([220, 250, 250, 250, 250, 250, 250], 1))
+
+    def test_pipelinedRcptAnswersInRcptOrder(self):
+        """
+        Pipelined RCPTs answered by their backends in reverse order, and one
+        refused at once, get their replies in RCPT order; so do the final
+        replies of the recipients accepted.
+        """
+        s = Session(auto=False)
+        s.send(
+            b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<y@a.test>\r\n"
+            b"RCPT TO:<bad\r\nRCPT TO:<z@a.test>\r\nDATA\r\nhello\r\n.\r\n"
+        )
+        t = s.transaction
+        self.assertEqual(len(t.rcpts), 3)
+        t.fireRcpt(2)
+        t.fireRcpt(1, RCPT_UNKNOWN)
+        self.assertEqual(s.codes(), [220, 250, 250])
+        t.fireRcpt(0)
+        self.assertEqual(s.codes(), [220, 250, 250, 250, 550, 501, 250, 354])
+        self.assertEqual(t.accepted, [b"z@a.test", b"x@a.test"])
+        for d, address in zip(t.verdicts, t.accepted):
+            d.callback(delivered(address))
+        self.assertEqual(
+            [r[-1] for r in s.replies()[8:]],
+            [b"250 2.0.0 <x@a.test> delivered", b"250 2.0.0 <z@a.test> delivered"],
+        )
+
+    def test_rcptsAheadCapped(self):
+        """
+        At most MAX_RCPTS_AHEAD RCPTs are started behind the one awaited;
+        the rest start as replies leave.
+        """
+        s = Session(auto=False)
+        rcpts = b"".join(b"RCPT TO:<u%d@a.test>\r\n" % (i,) for i in range(MAX_RCPTS_AHEAD + 3))
+        s.send(b"LHLO c\r\nMAIL FROM:<a@b>\r\n" + rcpts)
+        t = s.transaction
+        self.assertEqual(len(t.rcpts), MAX_RCPTS_AHEAD + 1)
+        t.fireRcpt(0)
+        self.assertEqual(len(t.rcpts), MAX_RCPTS_AHEAD + 2)
+        self.assertEqual(s.codes(), [220, 250, 250, 250])
+
+    def test_longRcptLineNotReadAhead(self):
+        """
+        A RCPT line over MAX_COMMAND_LINE pipelined behind a pending RCPT
+        is not started: once the replies before it left, it is refused as
+        too long.
+        """
+        s = Session(auto=False)
+        s.send(b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@a.test>\r\n")
+        s.send(b"RCPT TO:<" + b"y" * MAX_COMMAND_LINE + b"@a.test>\r\nNOOP\r\n")
+        self.assertEqual(len(s.transaction.rcpts), 1)
+        s.transaction.fireRcpt(0)
+        self.assertEqual(s.codes(), [220, 250, 250, 250, 500, 250])
+        self.assertIn(b"too long", s.replies()[4][-1])
+        self.assertEqual(len(s.transaction.rcpts), 1)
+
+    def test_rcptNotReadAheadOfMail(self):
+        """
+        A RCPT pipelined behind a MAIL whose validation is still pending
+        waits for it: only RCPTs behind a RCPT start early.
+        """
+        s = Session(auto=False)
+        pending = defer.Deferred()
+        validateFrom = s.delivery.validateFrom
+        s.delivery.validateFrom = lambda helo, origin: pending.addCallback(
+            lambda _: validateFrom(helo, origin)
+        )
+        s.send(b"LHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@a.test>\r\n")
+        self.assertEqual((s.codes(), s.delivery.transactions), ([220, 250], []))
+        pending.callback(None)
+        self.assertEqual(s.codes(), [220, 250, 250])
+        self.assertEqual(len(s.transaction.rcpts), 1)
 
     def test_nothingAnsweredWhileRcptPending(self):
         """

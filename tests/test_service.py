@@ -545,9 +545,9 @@ class StopTests(unittest.TestCase):
     def test_graceExpiryRunsNoPipelinedCommand(self):
         """
         When the grace period ends while an RCPT waits on its backend, the
-        commands the client pipelined behind it are not run: no other
-        backend gets a MAIL for a transaction that is over, and the client
-        gets the 421 and nothing else.
+        DATA the client pipelined behind it is not run: the backend that
+        got the RCPT pipelined after the first has its connection dropped
+        without a message, and the client gets the 421 and nothing else.
         """
         a, b = FakeBackend(self), FakeBackend(self)
         a.actions["MAIL"] = a.actions["RCPT"] = "hang"
@@ -560,11 +560,13 @@ class StopTests(unittest.TestCase):
             b"LHLO c\r\nMAIL FROM:<s@z>\r\nRCPT TO:<one@x.test>\r\n"
             b"RCPT TO:<two@y.test>\r\nDATA\r\n"
         )
-        yield waitUntil(lambda: b"MAIL" in a.verbs())
+        yield waitUntil(lambda: b"MAIL" in a.verbs() and b"RCPT" in b.verbs())
         yield proxy.service.stopService()
         yield client.lost
         self.assertEqual(client.codes(), [220, 250, 250, 421])
-        self.assertEqual(b.connections, 0)
+        yield waitUntil(lambda: not b.open)
+        self.assertEqual(b.verbs()[-2:], [b"MAIL", b"RCPT"])
+        self.assertEqual(b.messages, [])
 
     @defer.inlineCallbacks
     def test_idleSessionClosedAtOnce(self):
