@@ -423,6 +423,32 @@ class PostfixTests(_Base):
         self.assertEqual(new.messages("alice@example.test"), [])
         self.assertIn("Mail queue is empty", mta.queue())
 
+    def test_postfixManyRecipientsPipelined(self):
+        """
+        Postfix sends one message to twenty recipients, alternating between
+        two Dovecot backends, with the envelope pipelined: the RCPTs reach
+        both backends at once, and each recipient gets exactly one copy,
+        on its own backend only.
+        """
+        old = peers.DovecotBackend(self, "old", tcp=True)
+        new = peers.DovecotBackend(self, "new")
+        recipients = ["user%d@example.test" % (i,) for i in range(20)]
+        proxy = peers.Proxy(self, proxyConfig(
+            {"old": old.backendConfig("tcp"), "new": new.backendConfig("unix")},
+            {address: ("old", "new")[i % 2] for i, address in enumerate(recipients)}))
+        mta = peers.PostfixClient(self, proxy.target, domains=["example.test"])
+        refused = mta.send(SENDER, recipients, "twenty recipients\r\n",
+                           subject="pipelined")
+        self.assertEqual(refused, {})
+        mta.waitEmpty(30)
+        for i, address in enumerate(recipients):
+            lines = mta.deliveries(address)
+            self.assertEqual(len(lines), 1, mta.log())
+            self.assertIn("status=sent", lines[0])
+            mine, other = (old, new) if i % 2 == 0 else (new, old)
+            self.assertEqual(len(mine.messages(address)), 1)
+            self.assertEqual(other.messages(address), [])
+
     def test_postfixRejectDefersThenReloadDelivers(self):
         """
         Postfix (lmtp:unix to the proxy's unix socket) sends one message to
