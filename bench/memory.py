@@ -160,11 +160,12 @@ def idle_sessions(proxy, count):
 PHASES = ("MAIL", "RCPT", "DATA", "message")
 
 
-def latency(targets, sinks, msgs, rcpts, block=100):
+def latency(targets, sinks, msgs, rcpts, block=100, pipelined=False):
     """targets: [(name, port)]; interleave blocks of `block` messages.
     Returns ({name: [round trip]}, {name: {phase: [time]}}, errors): the
     phases are the MAIL round trip, the RCPT round trips together, the DATA
-    round trip, and the message up to the last final reply."""
+    round trip, and the message up to the last final reply; with
+    `pipelined`, the envelope goes in one write and there are no phases."""
     body = C.make_body(1000, "latency")
     conns = {n: C.LMTPClient(p) for n, p in targets}
     times = {n: [] for n, _ in targets}
@@ -178,50 +179,25 @@ def latency(targets, sinks, msgs, rcpts, block=100):
             for _ in range(k):
                 marks = [time.perf_counter()]
                 try:
-                    r = c.send(FROM, rcpts, body, marks)
+                    if pipelined:
+                        r = c.send_pipelined(FROM, rcpts, body)
+                        marks.append(time.perf_counter())
+                    else:
+                        r = c.send(FROM, rcpts, body, marks)
                 except (OSError, C.LMTPError) as e:
                     errors.append("%s: %s" % (name, e))
                     conns[name] = c = C.LMTPClient(dict(targets)[name])
                     continue
                 times[name].append(marks[-1] - marks[0])
-                for phase, start, end in zip(PHASES, marks, marks[1:]):
-                    phases[name][phase].append(end - start)
+                if not pipelined:
+                    for phase, start, end in zip(PHASES, marks, marks[1:]):
+                        phases[name][phase].append(end - start)
                 if len(r) != len(rcpts) or any(not x[0].startswith("2") for x in r):
                     errors.append("%s: replies %s" % (name, r))
         done += k
     for c in conns.values():
         c.quit()
     return times, phases, errors
-
-
-def pipelined(targets, msgs, rcpts, block=100):
-    """targets: [(name, port)]; the round trip of each message (pipelined
-    envelope .. last final reply), blocks of `block` messages interleaved.
-    Returns ({name: [round trip]}, errors)."""
-    body = C.make_body(1000, "pipelined")
-    conns = {n: C.LMTPClient(p) for n, p in targets}
-    times = {n: [] for n, _ in targets}
-    errors = []
-    done = 0
-    while done < msgs:
-        k = min(block, msgs - done)
-        for name, _ in targets:
-            c = conns[name]
-            for _ in range(k):
-                t = time.perf_counter()
-                try:
-                    r = c.send_pipelined(FROM, rcpts, body)
-                except (OSError, C.LMTPError) as e:
-                    errors.append("%s: %s" % (name, e))
-                    conns[name] = c = C.LMTPClient(dict(targets)[name])
-                    continue
-                times[name].append(time.perf_counter() - t)
-                if len(r) != len(rcpts) or any(not x[0].startswith("2") for x in r):
-                    errors.append("%s: replies %s" % (name, r))
-        done += k
-    for c in conns.values():
-        c.quit()
-    return times, errors
 
 
 def phase_table(by_phase, names):
@@ -263,7 +239,7 @@ def pipelined_table(targets, msgs, failures):
     for rl, rcpts in (("1", ["bench@bench.test"]), ("5 split", SPLIT5),
                       ("50 split", SPLIT50)):
         C.log("pipelined %s" % rl)
-        times, errors = pipelined(targets, msgs, rcpts)
+        times, _, errors = latency(targets, None, msgs, rcpts, pipelined=True)
         failures += errors[:5]
         med = {n: C.pct(times[n], 0.5) * 1e6 if times[n] else None for n in names}
         cells = ["%.0f" % med[n] if med[n] else "FAIL" for n in names]

@@ -1155,6 +1155,26 @@ class AuthTests(unittest.TestCase):
         self.assertNoSecrets(events)
 
 
+def closeAtNextMail(backend):
+    """
+    Have the L{FakeBackend} C{backend} drop the connection the next MAIL
+    arrives on, and answer every MAIL after it.
+
+    @return: the list that gets the MAIL line it dropped the connection at.
+    """
+    closed = []
+
+    def closeOnce(connection, line):
+        if closed:
+            connection.transport.write(b"250 2.1.0 Ok\r\n")
+        else:
+            closed.append(line)
+            connection.transport.loseConnection()
+
+    backend.actions["MAIL"] = closeOnce
+    return closed
+
+
 class PipelinedRcptTests(unittest.TestCase):
     """
     RCPTs a client pipelines reach their backends without waiting for the
@@ -1177,19 +1197,33 @@ class PipelinedRcptTests(unittest.TestCase):
         return held
 
     @defer.inlineCallbacks
-    def test_backendsGetTheirRcptsAtOnce(self):
+    def pipelineBehindHeldRcpt(self, second):
         """
-        A RCPT for a second backend goes out while the first backend has
-        not answered the RCPT before it.
+        Pipeline LHLO, MAIL, a RCPT for backend a, which leaves it
+        unanswered, and a RCPT for C{second}, through a proxy of two
+        backends.
+
+        @return: a L{Deferred} firing with backends a and b, the client,
+            the list that gets a's connection once it has the RCPT, and a
+            L{Deferred} of the four replies.
         """
         a, b, proxy = twoBackends(self)
         held = self.holdFirstRcpt(a)
         client = yield proxy.connect(self)
         pending = exchange(
             client,
-            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<y@b.test>\r\n",
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<%s>\r\n" % (second,),
             4,
         )
+        return a, b, client, held, pending
+
+    @defer.inlineCallbacks
+    def test_backendsGetTheirRcptsAtOnce(self):
+        """
+        A RCPT for a second backend goes out while the first backend has
+        not answered the RCPT before it.
+        """
+        a, b, client, held, pending = yield self.pipelineBehindHeldRcpt(b"y@b.test")
         yield waitUntil(lambda: b"RCPT" in b.verbs() and held)
         self.assertEqual(client.codes(), [220, 250, 250])
         held[0].transport.write(b"250 2.1.5 Ok\r\n")
@@ -1202,14 +1236,7 @@ class PipelinedRcptTests(unittest.TestCase):
         A RCPT for a backend whose first RCPT is unanswered goes out once
         that one is answered, on the same connection and transaction.
         """
-        a, b, proxy = twoBackends(self)
-        held = self.holdFirstRcpt(a)
-        client = yield proxy.connect(self)
-        pending = exchange(
-            client,
-            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<z@a.test>\r\n",
-            4,
-        )
+        a, b, client, held, pending = yield self.pipelineBehindHeldRcpt(b"z@a.test")
         yield waitUntil(lambda: held)
         yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(a.verbs(), [b"LHLO", b"MAIL", b"RCPT"])
@@ -1229,18 +1256,10 @@ class PipelinedRcptTests(unittest.TestCase):
         a, b, proxy = twoBackends(self, {"pool_size": 1})
         client = yield proxy.connect(self)
         yield exchange(client, transaction([b"x@a.test"], quit=False), 5)
-        closed = []
-
-        def closeOnce(backend, line):
-            if closed:
-                backend.transport.write(b"250 2.1.0 Ok\r\n")
-            else:
-                closed.append(line)
-                backend.transport.loseConnection()
-
-        a.actions["MAIL"] = closeOnce
+        closed = closeAtNextMail(a)
         replies = yield exchange(client, mail([b"x@a.test", b"z@a.test"]), 6)
         self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "354", "250", "250"])
+        self.assertEqual(closed, [b"MAIL FROM:<s@example.test>"])
         self.assertEqual(a.connections, 2)
         self.assertEqual(len(a.messages), 2)
         self.assertEqual(a.verbs()[-4:], [b"MAIL", b"RCPT", b"RCPT", b"DATA"])
@@ -1355,16 +1374,7 @@ class PoolTests(unittest.TestCase):
         a, b, proxy = twoBackends(self, {"pool_size": 1})
         client = yield proxy.connect(self)
         yield exchange(client, transaction([b"x@a.test"], quit=False), 5)
-        closed = []
-
-        def closeOnce(backend, line):
-            if closed:
-                backend.transport.write(b"250 2.1.0 Ok\r\n")
-            else:
-                closed.append(line)
-                backend.transport.loseConnection()
-
-        a.actions["MAIL"] = closeOnce
+        closed = closeAtNextMail(a)
         replies = yield exchange(client, mail([b"x@a.test"]), 4)
         self.assertEqual([r[:3] for r in replies], ["250", "250", "354", "250"])
         self.assertEqual(closed, [b"MAIL FROM:<s@example.test>"])
