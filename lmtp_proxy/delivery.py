@@ -209,7 +209,9 @@ class BackendSession:
                 # Dropped meanwhile: no connection is taken or opened for them.
                 waiting.callback(self.failure or ABORTED)
             else:
-                self.rcpt(address, params).chainDeferred(waiting)
+                # One that raises fails alone, as it would unqueued; the
+                # others must still get their replies.
+                defer.maybeDeferred(self.rcpt, address, params).chainDeferred(waiting)
 
     @defer.inlineCallbacks
     def _firstRcpt(self, address, params, first):

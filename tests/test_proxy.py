@@ -8,6 +8,7 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from lmtp_proxy import delivery
 from lmtp_proxy.delivery import MAX_HELD
 
 from tests.lmtpclient import BODY, exchange, mail, transaction
@@ -1264,6 +1265,40 @@ class PipelinedRcptTests(unittest.TestCase):
         self.assertEqual(len(a.messages), 2)
         self.assertEqual(a.verbs()[-4:], [b"MAIL", b"RCPT", b"RCPT", b"DATA"])
 
+
+    @defer.inlineCallbacks
+    def test_rcptBehindTheFirstRaising(self):
+        """
+        A RCPT that raises when it is sent behind the first gets 451, and
+        the RCPTs queued after it still go out and get their replies.
+        """
+        calls = []
+
+        def forwarded(params, client):
+            calls.append(params)
+            # MAIL, the first RCPT, then the first queued behind it.
+            if len(calls) == 3:
+                raise RuntimeError("no RCPT")
+            return b""
+
+        self.patch(delivery, "_forwarded", forwarded)
+        a, b, proxy = twoBackends(self)
+        held = self.holdFirstRcpt(a)
+        client = yield proxy.connect(self)
+        pending = exchange(
+            client,
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\n"
+            b"RCPT TO:<z@a.test>\r\nRCPT TO:<w@a.test>\r\n",
+            5,
+        )
+        yield waitUntil(lambda: held)
+        held[0].transport.write(b"250 2.1.5 Ok\r\n")
+        replies = yield pending
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "250", "451", "250"])
+        self.assertEqual(a.verbs(), [b"LHLO", b"MAIL", b"RCPT", b"RCPT"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    test_rcptBehindTheFirstRaising.timeout = 10
 
     @defer.inlineCallbacks
     def test_rcptBehindADroppedFirstOpensNothing(self):
