@@ -261,25 +261,33 @@ class BackendSession:
         @param attempt: the number of this try (L{_firstRcpt}).
         @return: a L{Deferred} firing with the RCPT's reply for the client.
         """
-        if self._mustTell(client):
-            # MAIL follows in the same write. A lost connection fails it
-            # too; a refused LHLO must as well.
-            self._tell(client).addErrback(lambda failure: client.abort())
-        self._mailSent = True
-        self._mailReply = None
-        tx = self.transaction
-        # A MAIL that fails fails the RCPT behind it the same way, whose
-        # errback handles both.
-        client.command(
-            b"MAIL FROM:<" + tx.sender + b">" + _forwarded(tx.params, client)
-        ).addCallbacks(self._mailAnswered, _ignore)
-        return client.command(
-            b"RCPT TO:<" + address + b">" + _forwarded(params, client)
-        ).addCallbacks(
-            self._firstRcptAnswered,
-            self._firstRcptFailed,
-            errbackArgs=(address, params, attempt),
-        )
+        try:
+            if self._mustTell(client):
+                # MAIL follows in the same write. A lost connection fails it
+                # too; a refused LHLO must as well.
+                self._tell(client).addErrback(lambda failure: client.abort())
+            self._mailSent = True
+            self._mailReply = None
+            tx = self.transaction
+            # A MAIL that fails fails the RCPT behind it the same way, whose
+            # errback handles both.
+            client.command(
+                b"MAIL FROM:<" + tx.sender + b">" + _forwarded(tx.params, client)
+            ).addCallbacks(self._mailAnswered, _ignore)
+            return client.command(
+                b"RCPT TO:<" + address + b">" + _forwarded(params, client)
+            ).addCallbacks(
+                self._firstRcptAnswered,
+                self._firstRcptFailed,
+                errbackArgs=(address, params, attempt),
+            )
+        except Exception:
+            # Which of XCLIENT, MAIL and RCPT went out is unknown: the
+            # connection is dropped, and the RCPTs behind get this backend's
+            # 4xx, not a RCPT sent behind a MAIL that may never have gone.
+            self.fail(BackendError("first RCPT not sent"))
+            self._sendBehindFirst()
+            raise
 
     def _mailAnswered(self, result):
         self._mailReply = result

@@ -1300,6 +1300,63 @@ class PipelinedRcptTests(unittest.TestCase):
 
     test_rcptBehindTheFirstRaising.timeout = 10
 
+    def raiseAtFirstMail(self):
+        """
+        Make the next MAIL a backend session writes raise.
+        """
+        real, calls = delivery._forwarded, []
+
+        def forwarded(params, client):
+            calls.append(params)
+            if len(calls) == 1:
+                raise RuntimeError("no MAIL")
+            return real(params, client)
+
+        self.patch(delivery, "_forwarded", forwarded)
+
+    @defer.inlineCallbacks
+    def test_firstRcptRaisingOnANewConnection(self):
+        """
+        When the first RCPT for a backend raises as it is sent on a new
+        connection, it and the RCPT pipelined behind it get 451: the one
+        behind is not sent behind a MAIL that never went out, and its 503
+        is not passed on as a bounce.
+        """
+        a, b, proxy = twoBackends(self)
+        self.raiseAtFirstMail()
+        client = yield proxy.connect(self)
+        replies = yield exchange(
+            client,
+            b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<z@a.test>\r\n",
+            4,
+        )
+        self.assertEqual([r[:3] for r in replies], ["250", "250", "451", "451"])
+        self.assertNotIn(b"RCPT", a.verbs())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    test_firstRcptRaisingOnANewConnection.timeout = 10
+
+    @defer.inlineCallbacks
+    def test_firstRcptRaisingOnAPooledConnection(self):
+        """
+        When the first RCPT for a backend raises as it is sent on an idle
+        pooled connection, it and the RCPT after it get 451, instead of the
+        second waiting for ever behind the first.
+        """
+        a, b, proxy = twoBackends(self, {"pool_size": 1})
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"], quit=False), 5)
+        backend = proxy.config.backends["a"]
+        yield waitUntil(lambda: proxy.pool.describe(backend)["pooled"] == 1)
+        self.raiseAtFirstMail()
+        replies = yield exchange(
+            client, b"MAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<z@a.test>\r\n", 3
+        )
+        self.assertEqual([r[:3] for r in replies], ["250", "451", "451"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    test_firstRcptRaisingOnAPooledConnection.timeout = 10
+
     @defer.inlineCallbacks
     def test_rcptBehindADroppedFirstOpensNothing(self):
         """
