@@ -1319,8 +1319,8 @@ class PipelinedRcptTests(unittest.TestCase):
         """
         When the first RCPT for a backend raises as it is sent on a new
         connection, it and the RCPT pipelined behind it get 451: the one
-        behind is not sent behind a MAIL that never went out, and its 503
-        is not passed on as a bounce.
+        behind is not sent behind a MAIL that never went out (which a
+        backend would refuse with a 503, passed on as a bounce).
         """
         a, b, proxy = twoBackends(self)
         self.raiseAtFirstMail()
