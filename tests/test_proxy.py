@@ -1300,6 +1300,32 @@ class PipelinedRcptTests(unittest.TestCase):
 
     test_rcptBehindTheFirstRaising.timeout = 10
 
+    @defer.inlineCallbacks
+    def test_rcptsBehindAFirstWithoutReply(self):
+        """
+        When the first RCPT for a backend, sent on a pooled connection, gets
+        no reply in time, the RCPT pipelined behind it gets 451 too, and the
+        recipient of the other backend, between them, still gets its
+        message.
+        """
+        a, b, proxy = twoBackends(self, {"command_timeout": 0.3, "pool_size": 1})
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"], quit=False), 5)
+        backend = proxy.config.backends["a"]
+        yield waitUntil(lambda: proxy.pool.describe(backend)["pooled"] == 1)
+        a.actions["RCPT"] = "hang"
+        replies = yield exchange(
+            client,
+            b"MAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<y@b.test>\r\n"
+            b"RCPT TO:<z@a.test>\r\nDATA\r\nhi\r\n.\r\n",
+            6,
+        )
+        self.assertEqual([r[:3] for r in replies], ["250", "451", "250", "451", "354", "250"])
+        self.assertEqual(a.verbs().count(b"RCPT"), 2)
+        self.assertEqual((a.messages, b.messages), ([BODY], [b"hi\r\n"]))
+
+    test_rcptsBehindAFirstWithoutReply.timeout = 10
+
     def raiseAtFirstMail(self):
         """
         Make the next MAIL a backend session writes raise.
