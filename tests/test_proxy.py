@@ -1183,6 +1183,37 @@ class PipelinedRcptTests(unittest.TestCase):
     alone, and the client its replies in RCPT order.
     """
 
+    def raiseAtLine(self, count):
+        """
+        Make the C{count}th MAIL or RCPT line that backend sessions write
+        from now on raise.
+        """
+        real, calls = delivery._forwarded, []
+
+        def forwarded(params, client):
+            calls.append(params)
+            if len(calls) == count:
+                raise RuntimeError("line %d not written" % (count,))
+            return real(params, client)
+
+        self.patch(delivery, "_forwarded", forwarded)
+
+    @defer.inlineCallbacks
+    def pooledSession(self, settings):
+        """
+        A proxy of two backends with C{settings} and a client session whose
+        first transaction left one idle connection to backend a.
+
+        @return: a L{Deferred} firing with backends a and b, the proxy and
+            the client.
+        """
+        a, b, proxy = twoBackends(self, dict(settings, pool_size=1))
+        client = yield proxy.connect(self)
+        yield exchange(client, transaction([b"x@a.test"], quit=False), 5)
+        backend = proxy.config.backends["a"]
+        yield waitUntil(lambda: proxy.pool.describe(backend)["pooled"] == 1)
+        return a, b, proxy, client
+
     def holdFirstRcpt(self, backend):
         """
         Leave the first RCPT C{backend} gets unanswered; return the list
@@ -1272,16 +1303,8 @@ class PipelinedRcptTests(unittest.TestCase):
         A RCPT that raises when it is sent behind the first gets 451, and
         the RCPTs queued after it still go out and get their replies.
         """
-        calls = []
-
-        def forwarded(params, client):
-            calls.append(params)
-            # MAIL, the first RCPT, then the first queued behind it.
-            if len(calls) == 3:
-                raise RuntimeError("no RCPT")
-            return b""
-
-        self.patch(delivery, "_forwarded", forwarded)
+        # MAIL, the first RCPT, then the first queued behind it.
+        self.raiseAtLine(3)
         a, b, proxy = twoBackends(self)
         held = self.holdFirstRcpt(a)
         client = yield proxy.connect(self)
@@ -1308,11 +1331,7 @@ class PipelinedRcptTests(unittest.TestCase):
         recipient of the other backend, between them, still gets its
         message.
         """
-        a, b, proxy = twoBackends(self, {"command_timeout": 0.3, "pool_size": 1})
-        client = yield proxy.connect(self)
-        yield exchange(client, transaction([b"x@a.test"], quit=False), 5)
-        backend = proxy.config.backends["a"]
-        yield waitUntil(lambda: proxy.pool.describe(backend)["pooled"] == 1)
+        a, b, proxy, client = yield self.pooledSession({"command_timeout": 0.3})
         a.actions["RCPT"] = "hang"
         replies = yield exchange(
             client,
@@ -1326,19 +1345,6 @@ class PipelinedRcptTests(unittest.TestCase):
 
     test_rcptsBehindAFirstWithoutReply.timeout = 10
 
-    def raiseAtFirstMail(self):
-        """
-        Make the next MAIL a backend session writes raise.
-        """
-        real, calls = delivery._forwarded, []
-
-        def forwarded(params, client):
-            calls.append(params)
-            if len(calls) == 1:
-                raise RuntimeError("no MAIL")
-            return real(params, client)
-
-        self.patch(delivery, "_forwarded", forwarded)
 
     @defer.inlineCallbacks
     def test_firstRcptRaisingOnANewConnection(self):
@@ -1349,7 +1355,7 @@ class PipelinedRcptTests(unittest.TestCase):
         backend would refuse with a 503, passed on as a bounce).
         """
         a, b, proxy = twoBackends(self)
-        self.raiseAtFirstMail()
+        self.raiseAtLine(1)
         client = yield proxy.connect(self)
         replies = yield exchange(
             client,
@@ -1369,12 +1375,8 @@ class PipelinedRcptTests(unittest.TestCase):
         pooled connection, it and the RCPT after it get 451, instead of the
         second waiting for ever behind the first.
         """
-        a, b, proxy = twoBackends(self, {"pool_size": 1})
-        client = yield proxy.connect(self)
-        yield exchange(client, transaction([b"x@a.test"], quit=False), 5)
-        backend = proxy.config.backends["a"]
-        yield waitUntil(lambda: proxy.pool.describe(backend)["pooled"] == 1)
-        self.raiseAtFirstMail()
+        a, b, proxy, client = yield self.pooledSession({})
+        self.raiseAtLine(1)
         replies = yield exchange(
             client, b"MAIL FROM:<s@x>\r\nRCPT TO:<x@a.test>\r\nRCPT TO:<z@a.test>\r\n", 3
         )
