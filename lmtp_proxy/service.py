@@ -54,6 +54,7 @@ from lmtp_proxy.twisted_internals import (
     cacheLogTimestamps,
     dispatchEventsLightly,
     formatPlainLogLines,
+    joinLogLines,
 )
 from lmtp_proxy.workers import Workers
 
@@ -100,6 +101,7 @@ def makeService(options):
     dispatchEventsLightly(reactor, proxy.pool.outbox)
     cacheLogTimestamps()
     formatPlainLogLines()
+    reactor.callWhenRunning(joinLogLines, proxy.pool.outbox)
     return proxy
 
 
