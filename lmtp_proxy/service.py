@@ -54,7 +54,6 @@ from lmtp_proxy.twisted_internals import (
     cacheLogTimestamps,
     dispatchEventsLightly,
     formatPlainLogLines,
-    joinLogLines,
 )
 from lmtp_proxy.workers import Workers
 
@@ -101,7 +100,6 @@ def makeService(options):
     dispatchEventsLightly(reactor, proxy.pool.outbox)
     cacheLogTimestamps()
     formatPlainLogLines()
-    reactor.callWhenRunning(joinLogLines, proxy.pool.outbox)
     return proxy
 
 

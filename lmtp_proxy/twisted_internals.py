@@ -32,24 +32,13 @@ The items:
   - L{formatPlainLogLines}: twistd's text log observer writing a line
     whose text is formatted already without Twisted's formatter
     (C{tests.test_twisted_internals.PlainLogLineTests}).
-  - L{joinLogLines}: twistd's text log observers writing the lines of one
-    turn of the reactor in one write
-    (C{tests.test_twisted_internals.JoinedLogLineTests}).
 """
 
 import errno
-import threading
 
 from twisted.internet import tcp, unix
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.logger import (
-    FileLogObserver,
-    Logger,
-    formatEventAsClassicLogText,
-    formatTime,
-    globalLogPublisher,
-    timeFormatRFC3339,
-)
+from twisted.logger import formatEventAsClassicLogText, formatTime, timeFormatRFC3339
 from twisted.protocols.haproxy._wrapper import (
     HAProxyProtocolWrapper,
     HAProxyWrappingFactory,
@@ -475,101 +464,6 @@ def _inFrontOfTextObserver(name, original, wrapper):
         return False
     setattr(_file, name, wrapper(current))
     return True
-
-
-class _JoinedLines:
-    """
-    The file of a twistd text log observer, keeping back the lines written
-    while an outbox holds its writes, to write them in one call before the
-    outbox sends anything it held.
-    """
-
-    log = Logger()
-
-    def __init__(self, file, outbox, thread):
-        """
-        @param file: the observer's file.
-        @param outbox: the L{lmtp_proxy.outbox.Outbox} whose holds keep
-            lines back.
-        @param thread: the identity of the reactor's thread: a line written
-            from another thread is written at once.
-        """
-        self.file = file
-        self._outbox = outbox
-        self._thread = thread
-        self._lines = []
-        outbox.beforeSending(self.writeKept)
-
-    def write(self, text):
-        """
-        Write C{text} (L{str}), at once outside a hold of the outbox.
-        """
-        if self._outbox.held and threading.get_ident() == self._thread:
-            self._lines.append(text)
-        else:
-            self.file.write(text)
-
-    def flush(self):
-        """
-        Flush the file, unless lines are kept back: they are flushed when
-        they are written.
-        """
-        if not self._lines:
-            self.file.flush()
-
-    def writeKept(self):
-        """
-        Write the lines kept back, in one call.
-        """
-        if not self._lines:
-            return
-        text = "".join(self._lines)
-        self._lines = []
-        try:
-            self.file.write(text)
-            self.file.flush()
-        except Exception:
-            # As when the observer's own write raises: the other
-            # observers hear of it, and the lines are lost to this one.
-            self.log.failure("log lines not written")
-
-
-def joinLogLines(outbox, publisher=globalLogPublisher):
-    """
-    Make twistd's text log observers (C{textFileLogObserver}, which write
-    the log file or standard output) write the lines logged while
-    C{outbox} holds its writes in one write, made before the outbox sends
-    what it held.
-
-    twistd's log file is unbuffered: every line was one C{write} system
-    call, five for a message to five recipients. Now the lines logged
-    while one turn of the reactor handles its input leave in one. No line
-    waits longer than that turn, and none waits behind a reply: the
-    outbox writes them before it sends the replies of the same turn, so
-    a client never sees a reply whose outcome line is not in the log
-    file, whatever happens to the process next. Lines logged outside a
-    hold (timers, start-up, other threads) are written at once, as
-    before.
-
-    Relies on the global log publisher's private list C{_observers}, where
-    twistd puts its observer, and on C{FileLogObserver} writing each line
-    to its private C{_outFile} with C{write} and C{flush}. Call it once
-    the reactor runs: twistd adds its observer after C{makeService}. When
-    Twisted changes them, nothing is replaced, or
-    C{tests.test_twisted_internals.JoinedLogLineTests} fails first.
-
-    @param publisher: the log publisher whose observers to change.
-    @return: whether an observer now writes this way.
-    """
-    joined = False
-    for observer in getattr(publisher, "_observers", ()):
-        if type(observer) is FileLogObserver and hasattr(observer, "_outFile"):
-            if not isinstance(observer._outFile, _JoinedLines):
-                observer._outFile = _JoinedLines(
-                    observer._outFile, outbox, threading.get_ident()
-                )
-            joined = True
-    return joined
 
 
 class _SharedUNIXPort(unix.Port):

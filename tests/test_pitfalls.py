@@ -634,7 +634,6 @@ class TwistdPitfallTests(unittest.TestCase):
         self.patch(proxyservice, "dispatchEventsLightly", lambda *args: False)
         self.patch(proxyservice, "cacheLogTimestamps", lambda: False)
         self.patch(proxyservice, "formatPlainLogLines", lambda: False)
-        self.patch(proxyservice, "joinLogLines", lambda *args: False)
         svc = proxyservice.makeService({"config": path})
         self.assertIsInstance(svc, proxyservice.ProxyService)
         probe = socket.socket()

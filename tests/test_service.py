@@ -402,10 +402,6 @@ class TreeTests(unittest.TestCase):
         self.patch(service, "cacheLogTimestamps", lambda: self.timestampsCached.append(True))
         self.plainLines = []
         self.patch(service, "formatPlainLogLines", lambda: self.plainLines.append(True))
-        self.whenRunning = []
-        self.patch(
-            reactor, "callWhenRunning", lambda f, *args: self.whenRunning.append((f, args))
-        )
 
     def build(self, **settings):
         """
@@ -469,16 +465,6 @@ class TreeTests(unittest.TestCase):
         """
         self.build()
         self.assertEqual(self.plainLines, [True])
-
-    def test_logLinesJoined(self):
-        """
-        L{makeService} has twistd's text log observers write the lines of
-        each hold of the outbox in one write, with
-        L{lmtp_proxy.twisted_internals.joinLogLines}, once the reactor runs:
-        twistd adds its observer after L{makeService}.
-        """
-        svc = self.build()
-        self.assertEqual(self.whenRunning, [(service.joinLogLines, (svc.pool.outbox,))])
 
     def test_metricsListener(self):
         """

@@ -8,7 +8,6 @@ import errno
 import os
 import socket
 import stat
-import threading
 import time
 from io import StringIO
 from types import SimpleNamespace
@@ -17,10 +16,7 @@ from twisted.internet import defer, main, protocol, reactor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import (
-    FileLogObserver,
-    Logger,
     LogLevel,
-    LogPublisher,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
@@ -43,7 +39,6 @@ from lmtp_proxy.twisted_internals import (
     discardLineBuffer,
     dispatchEventsLightly,
     formatPlainLogLines,
-    joinLogLines,
     listenUNIXQuietly,
 )
 from tests.support import WriteRecorder, liveSocket, unixPath
@@ -926,181 +921,3 @@ class PlainLogLineTests(_InFrontOfTwistedMixin, unittest.TestCase):
         self.assertEqual(
             _observerLines(events), "".join(formatEventAsClassicLogText(event) for event in events)
         )
-
-
-class _LogFile:
-    """
-    A log file that records each C{write} and C{flush} in C{calls}, which
-    it may share with a transport.
-    """
-
-    def __init__(self, calls, fail=False):
-        self.calls = calls
-        self.fail = fail
-
-    def write(self, text):
-        if self.fail:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.calls.append(("write", text))
-
-    def flush(self):
-        self.calls.append(("flush",))
-
-
-class _Transport(StringTransport):
-    """
-    A transport that records each write in C{calls}, which it shares with
-    a L{_LogFile}.
-    """
-
-    def __init__(self, calls):
-        StringTransport.__init__(self)
-        self.calls = calls
-
-    def write(self, data):
-        self.calls.append(("send", data))
-        StringTransport.write(self, data)
-
-
-class _OtherObserver:
-    """
-    A log observer that is not a C{FileLogObserver}, with a file of the
-    same name as its.
-    """
-
-    def __init__(self, file):
-        self._outFile = file
-
-    def __call__(self, event):
-        pass
-
-
-class JoinedLogLineTests(unittest.TestCase):
-    """
-    L{joinLogLines} has twistd's text log observer write the lines logged
-    while the outbox is held in one write, before the outbox sends.
-    """
-
-    def setUp(self):
-        self.calls = []
-        self.file = _LogFile(self.calls)
-        self.publisher = LogPublisher()
-        self.observer = FileLogObserver(self.file, lambda event: event["text"] + "\n")
-        self.publisher.addObserver(self.observer)
-        self.outbox = Outbox()
-        self.log = Logger(observer=self.publisher)
-
-    def line(self, text):
-        self.log.info("{text}", text=text)
-
-    def test_linesOutsideAHoldWrittenAtOnce(self):
-        """
-        A line logged outside a hold is written and flushed at once, one
-        write per line.
-        """
-        self.assertTrue(joinLogLines(self.outbox, self.publisher))
-        self.line("one")
-        self.line("two")
-        self.assertEqual(
-            self.calls,
-            [("write", "one\n"), ("flush",), ("write", "two\n"), ("flush",)],
-        )
-
-    def test_heldLinesWrittenInOneWriteBeforeTheReplies(self):
-        """
-        The lines logged while the outbox is held are written and flushed
-        in one write, in order, when the hold ends, before the replies
-        written in the same hold are sent.
-        """
-        joinLogLines(self.outbox, self.publisher)
-        transport = _Transport(self.calls)
-        self.outbox.holdTurn()
-        self.outbox.hold()
-        self.line("to=<a@example.test>, status=sent")
-        self.outbox.write(transport, b"250 2.0.0 Ok\r\n")
-        self.outbox.release()
-        self.line("to=<b@example.test>, status=sent")
-        self.outbox.write(transport, b"250 2.0.0 Ok\r\n")
-        self.assertEqual(self.calls, [])
-        self.outbox.releaseTurn()
-        self.assertEqual(
-            self.calls,
-            [
-                ("write", "to=<a@example.test>, status=sent\nto=<b@example.test>, status=sent\n"),
-                ("flush",),
-                ("send", b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n"),
-            ],
-        )
-
-    def test_linesFromAnotherThreadWrittenAtOnce(self):
-        """
-        A line logged from a thread other than the reactor's is written at
-        once, even while the outbox is held.
-        """
-        joinLogLines(self.outbox, self.publisher)
-        self.outbox.hold()
-        thread = threading.Thread(target=self.line, args=("from a thread",))
-        thread.start()
-        thread.join()
-        self.assertEqual(self.calls, [("write", "from a thread\n"), ("flush",)])
-        self.outbox.release()
-
-    def test_failedWriteStillSendsTheReplies(self):
-        """
-        When the joined write raises, the failure is logged and the replies
-        held behind it are still sent.
-        """
-        joinLogLines(self.outbox, self.publisher)
-        transport = _Transport(self.calls)
-        self.outbox.hold()
-        self.line("to=<a@example.test>, status=sent")
-        self.outbox.write(transport, b"250 2.0.0 Ok\r\n")
-        self.file.fail = True
-        self.outbox.release()
-        self.assertEqual(self.calls, [("send", b"250 2.0.0 Ok\r\n")])
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
-
-    def test_installedOnce(self):
-        """
-        Joining twice keeps one wrapper in front of the observer's own file.
-        """
-        self.assertTrue(joinLogLines(self.outbox, self.publisher))
-        joined = self.observer._outFile
-        self.assertTrue(joinLogLines(self.outbox, self.publisher))
-        self.assertIs(self.observer._outFile, joined)
-        self.assertIs(joined.file, self.file)
-
-    def test_otherObserversLeftAlone(self):
-        """
-        A publisher with no text file observer is left as it was, even an
-        observer of another kind that has a file of the same name.
-        """
-        publisher = LogPublisher()
-        events = []
-        other = _OtherObserver(self.file)
-        publisher.addObserver(events.append)
-        publisher.addObserver(other)
-        self.assertFalse(joinLogLines(self.outbox, publisher))
-        self.assertEqual(publisher._observers, [events.append, other])
-        self.assertIs(other._outFile, self.file)
-
-    def test_twistdObserverJoined(self):
-        """
-        The observer twistd makes for a log file (C{textFileLogObserver})
-        is joined, and the text it writes is the text it wrote before.
-        """
-        joinedFile, plainFile = StringIO(), StringIO()
-        publisher = LogPublisher()
-        publisher.addObserver(textFileLogObserver(joinedFile))
-        plain = LogPublisher()
-        plain.addObserver(textFileLogObserver(plainFile))
-        self.assertTrue(joinLogLines(self.outbox, publisher))
-        self.outbox.hold()
-        for observer in (publisher, plain):
-            log = Logger(observer=observer, namespace="lmtp_proxy.delivery.Delivery")
-            for n in range(3):
-                log.info("{outcome}", outcome="to=<%d@example.test>, status=sent" % (n,))
-        self.assertEqual(joinedFile.getvalue(), "")
-        self.outbox.release()
-        self.assertEqual(joinedFile.getvalue(), plainFile.getvalue())
-        self.assertEqual(joinedFile.getvalue().count("status=sent"), 3)
