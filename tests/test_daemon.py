@@ -313,6 +313,38 @@ class DaemonTests(unittest.TestCase):
                               if "to=<alice@x.test>" in l and "status=sent" in l]), 1)
 
     @defer.inlineCallbacks
+    def test_outcomeLinesLoggedBeforeTheReplies(self):
+        """
+        C{twistd -n --logfile L lmtp-proxy}: once the client has the final
+        replies for two recipients, both outcome lines are in the log file,
+        even when the process is killed (SIGKILL) at that moment.
+        """
+        backend = FakeBackend(self)
+        self.writeConfig({"a": backend.entry}, {"alice@x.test": "a", "bob@x.test": "a"})
+        logPath = os.path.join(self.dir, "proxy.log")
+        process = self.start([script("twistd"), "-n",
+                              "--pidfile", os.path.join(self.dir, "twistd.pid"),
+                              "--logfile", logPath, "lmtp-proxy",
+                              "--config", self.configPath])
+        yield poll(lambda: "listening on" in readFile(logPath)
+                   or process.poll() is not None, 30, "the proxy to listen")
+        self.assertIsNone(process.poll(), readFile(logPath))
+
+        client = yield connectClient(self, self.port)
+        client.send(b"LHLO client.test\r\nMAIL FROM:<s@example.test>\r\n"
+                    b"RCPT TO:<alice@x.test>\r\nRCPT TO:<bob@x.test>\r\nDATA\r\n")
+        yield client.waitReplies(6)
+        client.send(b"Subject: logged\r\n\r\nbody\r\n.\r\n")
+        replies = yield client.waitReplies(8)
+        process.kill()
+        yield self.waitExit(process.pid, process)
+        self.assertEqual([r[:3] for r in replies[6:]], ["250", "250"])
+        lines = [l for l in readFile(logPath).splitlines() if "status=sent" in l]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("to=<alice@x.test>", lines[0])
+        self.assertIn("to=<bob@x.test>", lines[1])
+
+    @defer.inlineCallbacks
     def test_twistdSyslogForeground(self):
         """
         C{twistd -n --syslog --prefix lmtp-proxy lmtp-proxy --config FILE}
