@@ -14,7 +14,11 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := test
 
-PYTHON ?= python3
+# The distribution's interpreter when there is one: a Debian mail host runs
+# the proxy with it, so the tests and benchmarks run it too. A python3 ahead
+# of it on PATH (pyenv, a local build) may be built differently and run the
+# proxy slower (bench/RESULTS.md, "The interpreter"). PYTHON=... overrides.
+PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,python3)
 VENV ?= .venv
 VBIN := $(VENV)/bin
 CONFIG ?= examples/lmtp-proxy.yaml
