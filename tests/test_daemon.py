@@ -159,6 +159,24 @@ class DaemonTests(unittest.TestCase):
                        "process %d to exit" % (pid,))
 
     @defer.inlineCallbacks
+    def startLogging(self):
+        """
+        Start C{twistd -n --logfile L lmtp-proxy --config FILE} and wait
+        until it listens.
+
+        @return: a L{Deferred} firing with the process and L.
+        """
+        logPath = os.path.join(self.dir, "proxy.log")
+        process = self.start([script("twistd"), "-n",
+                              "--pidfile", os.path.join(self.dir, "twistd.pid"),
+                              "--logfile", logPath, "lmtp-proxy",
+                              "--config", self.configPath])
+        yield poll(lambda: "listening on" in readFile(logPath)
+                   or process.poll() is not None, 30, "the proxy to listen")
+        self.assertIsNone(process.poll(), readFile(logPath))
+        return process, logPath
+
+    @defer.inlineCallbacks
     def test_originalCommandLineDaemonizes(self):
         """
         C{lmtp-proxy -c FILE -D}: the command itself returns with status 0,
@@ -278,14 +296,7 @@ class DaemonTests(unittest.TestCase):
         backend = FakeBackend(self)
         self.writeConfig({"a": backend.entry}, {"alice@x.test": "a"},
                          shutdown_grace=20)
-        logPath = os.path.join(self.dir, "proxy.log")
-        process = self.start([script("twistd"), "-n",
-                              "--pidfile", os.path.join(self.dir, "twistd.pid"),
-                              "--logfile", logPath, "lmtp-proxy",
-                              "--config", self.configPath])
-        yield poll(lambda: "listening on" in readFile(logPath)
-                   or process.poll() is not None, 30, "the proxy to listen")
-        self.assertIsNone(process.poll(), readFile(logPath))
+        process, logPath = yield self.startLogging()
 
         client = yield connectClient(self, self.port)
         client.send(b"LHLO client.test\r\nMAIL FROM:<s@example.test>\r\n"
@@ -321,14 +332,7 @@ class DaemonTests(unittest.TestCase):
         """
         backend = FakeBackend(self)
         self.writeConfig({"a": backend.entry}, {"alice@x.test": "a", "bob@x.test": "a"})
-        logPath = os.path.join(self.dir, "proxy.log")
-        process = self.start([script("twistd"), "-n",
-                              "--pidfile", os.path.join(self.dir, "twistd.pid"),
-                              "--logfile", logPath, "lmtp-proxy",
-                              "--config", self.configPath])
-        yield poll(lambda: "listening on" in readFile(logPath)
-                   or process.poll() is not None, 30, "the proxy to listen")
-        self.assertIsNone(process.poll(), readFile(logPath))
+        process, logPath = yield self.startLogging()
 
         client = yield connectClient(self, self.port)
         client.send(b"LHLO client.test\r\nMAIL FROM:<s@example.test>\r\n"
