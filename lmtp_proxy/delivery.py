@@ -21,6 +21,7 @@ from lmtp_proxy.interfaces import IMessageStream, ITransaction
 from lmtp_proxy.recorder import NO_METRICS
 from lmtp_proxy.reply import Reply, reply
 from lmtp_proxy.routing import REJECT, rewriteAddress
+from lmtp_proxy.twisted_internals import TextLogLines
 
 # Message bytes held for a backend that has not answered DATA yet, past
 # which reading from the client pauses.
@@ -70,6 +71,8 @@ class Delivery:
 
     @ivar running: the L{Transaction}s not ended yet, for
         C{lmtp-proxy status}.
+    @ivar outcomes: the L{TextLogLines} each recipient's outcome line is
+        logged with.
     """
 
     log = Logger()
@@ -85,6 +88,7 @@ class Delivery:
         self.metrics = metrics
         self.outbox = pool.outbox
         self.running = set()
+        self.outcomes = TextLogLines(self.log, "outcome", self.outbox)
 
     def begin(self, client, sender, params, identity=None):
         """
@@ -970,9 +974,8 @@ class Transaction:
         # Logged before the reply leaves (the outbox holds it until this
         # input is handled), so a crash never loses the line of a recipient
         # the MTA was told about.
-        self.delivery.log.info(
-            "{outcome}",
-            outcome=(
+        self.delivery.outcomes.info(
+            (
                 "%(txid)s: " + to + ", backend=%(backend)s, client=%(client)s, "
                 "from=<%(sender)s>, delay=%(delay).3f, status=%(status)s (%(reply)s)"
             )

@@ -92,6 +92,23 @@ class Outbox:
         # Transports written L{BULK} bytes at once during this input.
         self._bulky = []
         self._after = []
+        self._before = []
+
+    @property
+    def held(self):
+        """
+        Whether writes are kept back now.
+        """
+        return self._holds > 0
+
+    def beforeSending(self, call):
+        """
+        Call C{call()} each time a hold ends, before what it kept back
+        leaves, and before L{flush} sends anything: for what must be
+        written before the replies it records are seen. C{call} handles its
+        own errors.
+        """
+        self._before.append(call)
 
     def hold(self):
         """
@@ -116,6 +133,8 @@ class Outbox:
             else:
                 self._bulky = []
                 waiting, self._waiting = self._waiting, {}
+                for call in self._before:
+                    call()
                 _sendEach(waiting)
         finally:
             while self._after:
@@ -165,6 +184,8 @@ class Outbox:
         """
         chunks = self._waiting.pop(transport, None)
         if chunks:
+            for call in self._before:
+                call()
             sendNow(transport, b"".join(chunks))
 
     def write(self, transport, data):

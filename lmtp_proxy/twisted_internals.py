@@ -32,13 +32,25 @@ The items:
   - L{formatPlainLogLines}: twistd's text log observer writing a line
     whose text is formatted already without Twisted's formatter
     (C{tests.test_twisted_internals.PlainLogLineTests}).
+  - L{TextLogLines}: lines written straight into the file of twistd's text
+    log observer, those of one turn of the reactor in one write
+    (C{tests.test_twisted_internals.TextLogLineTests}).
 """
 
 import errno
+import time
 
 from twisted.internet import tcp, unix
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.logger import formatEventAsClassicLogText, formatTime, timeFormatRFC3339
+from twisted.logger import (
+    FileLogObserver,
+    Logger,
+    LogLevel,
+    formatEventAsClassicLogText,
+    formatTime,
+    globalLogPublisher,
+    timeFormatRFC3339,
+)
 from twisted.protocols.haproxy._wrapper import (
     HAProxyProtocolWrapper,
     HAProxyWrappingFactory,
@@ -464,6 +476,144 @@ def _inFrontOfTextObserver(name, original, wrapper):
         return False
     setattr(_file, name, wrapper(current))
     return True
+
+
+class TextLogLines:
+    """
+    Lines that one L{Logger} logs at the info level as a single field of
+    text (each recipient's outcome line), written straight into the file of
+    twistd's text log observer when that observer is the only one and
+    would write the very same line; logged through the logger otherwise.
+
+    Through the logger, one such line cost more than all the rest of the
+    recipient's outcome: C{Logger.emit} builds the event and checks its
+    level against a freshly sorted list of levels, the global publisher
+    calls the observer, the observer formats the line and goes through the
+    log file's lock twice, and the file, unbuffered, makes one C{write}
+    system call per line. Here the line is formatted with the observer's
+    own timestamps, and the lines logged while the outbox holds its writes
+    (one input, or one turn of the reactor) are kept back and written in
+    one call before the outbox sends anything it held
+    (L{lmtp_proxy.outbox.Outbox.beforeSending}). So a reply never leaves
+    before its outcome line is in the log file, whatever happens to the
+    process next, and no line waits longer than the turn that logged it.
+    A line logged outside a hold is written at once.
+
+    Relies on the global log publisher's private list C{_observers}, where
+    twistd puts its observer, on C{FileLogObserver} writing each line to
+    its private C{_outFile}, encoded by its private C{_encoding}, then
+    flushing that file, and on the private module C{twisted.logger._file}
+    whose C{formatTime} the observer calls. An observer is written to
+    directly only when its own C{formatEvent} gives, for an event this
+    logger emits, the line written here (checked again whenever the
+    observers change); any other observer, or more than one, gets the
+    logger's event as before. When Twisted changes those names, lines are
+    logged through the logger, or
+    C{tests.test_twisted_internals.TextLogLineTests} fails first.
+
+    Used from the reactor's thread only, as the outbox is.
+    """
+
+    log = Logger()
+
+    def __init__(self, logger, field, outbox, publisher=globalLogPublisher, now=time.time):
+        """
+        @param logger: the L{Logger} a line is logged with when it cannot
+            be written directly, as C{logger.info("{field}", field=text)}.
+        @param field: the name of that event's one field.
+        @param outbox: the L{lmtp_proxy.outbox.Outbox} whose holds keep the
+            lines back.
+        @param publisher: the log publisher whose only observer may be
+            written to.
+        @param now: the clock of the lines' timestamps, C{time.time} as
+            the logger's.
+        """
+        self._logger = logger
+        self._field = field
+        self._format = "{" + field + "}"
+        self._system = "%s#%s" % (logger.namespace, LogLevel.info.name)
+        self._outbox = outbox
+        self._publisher = publisher
+        self._now = now
+        self._observer = None
+        self._direct = False
+        self._lines = []
+        try:
+            from twisted.logger import _file
+        except ImportError:
+            _file = None
+        self._observerModule = _file
+        outbox.beforeSending(self.writeKept)
+
+    def info(self, text, **fields):
+        """
+        Log the line C{text} (L{str}); C{fields} go with the logger's event
+        when the line is logged through the logger.
+        """
+        if text and self._directObserver() is not None:
+            self._lines.append(self._line(self._now(), text))
+            if not self._outbox.held:
+                self.writeKept()
+        else:
+            fields[self._field] = text
+            self._logger.info(self._format, **fields)
+
+    def writeKept(self):
+        """
+        Write the lines kept back to the observer's file, in one call.
+        """
+        if not self._lines:
+            return
+        text = "".join(self._lines)
+        self._lines = []
+        observer = self._observer
+        try:
+            if observer._encoding is None:
+                observer._outFile.write(text)
+            else:
+                observer._outFile.write(text.encode(observer._encoding))
+            observer._outFile.flush()
+        except Exception:
+            # As when the observer's own write raises: the lines are lost
+            # to it, and the replies held behind them still leave.
+            self.log.failure("log lines not written")
+
+    def _line(self, when, text):
+        return "%s [%s] %s\n" % (
+            self._observerModule.formatTime(when),
+            self._system,
+            text.replace("\n", "\n\t"),
+        )
+
+    def _directObserver(self):
+        """
+        The publisher's only observer, when it writes the lines written
+        here; L{None} otherwise.
+        """
+        observers = getattr(self._publisher, "_observers", None)
+        observer = observers[0] if type(observers) is list and len(observers) == 1 else None
+        if observer is not self._observer:
+            # Lines kept for the observer before go to it first.
+            self.writeKept()
+            self._observer = observer
+            self._direct = observer is not None and self._writesTheSameLines(observer)
+        return observer if self._direct else None
+
+    def _writesTheSameLines(self, observer):
+        if (
+            type(observer) is not FileLogObserver
+            or not hasattr(self._observerModule, "formatTime")
+            or not all(hasattr(observer, name) for name in ("_outFile", "_encoding"))
+        ):
+            return False
+        emitted = []
+        probe = Logger(self._logger.namespace, self._logger.source, emitted.append)
+        text = "a line\nand the next"
+        probe.info(self._format, **{self._field: text})
+        try:
+            return observer.formatEvent(emitted[0]) == self._line(emitted[0]["log_time"], text)
+        except Exception:
+            return False
 
 
 class _SharedUNIXPort(unix.Port):

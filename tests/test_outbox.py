@@ -206,6 +206,65 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         outbox.release()
         self.assertEqual((first.value().count(b"220"), second.value()), (1, b"other\r\n"))
 
+    def test_heldWhileAHoldLasts(self):
+        """
+        L{Outbox.held} is true from the first hold to the release of the
+        outermost one, a turn's hold included.
+        """
+        outbox = Outbox()
+        seen = [outbox.held]
+        outbox.holdTurn()
+        outbox.hold()
+        seen.append(outbox.held)
+        outbox.release()
+        seen.append(outbox.held)
+        outbox.releaseTurn()
+        seen.append(outbox.held)
+        self.assertEqual(seen, [False, True, True, False])
+
+    def test_beforeSendingRunsBeforeTheHeldWritesLeave(self):
+        """
+        A call given to L{Outbox.beforeSending} runs when the outermost
+        hold ends, before anything it kept back is sent.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        seen = []
+        outbox.beforeSending(lambda: seen.append(transport.value()))
+        outbox.hold()
+        outbox.hold()
+        outbox.write(transport, b"250 2.0.0 Ok\r\n")
+        outbox.release()
+        self.assertEqual(seen, [])
+        outbox.release()
+        self.assertEqual((seen, transport.value()), ([b""], b"250 2.0.0 Ok\r\n"))
+
+    def test_beforeSendingRunsWithNothingToSend(self):
+        """
+        The call runs at the end of every outermost hold, even one that
+        wrote nothing, and not for a write made outside a hold.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        seen = []
+        outbox.beforeSending(lambda: seen.append("called"))
+        outbox.hold()
+        outbox.release()
+        outbox.write(transport, b"x")
+        self.assertEqual(seen, ["called"])
+
+    def test_beforeSendingRunsBeforeAFlush(self):
+        """
+        L{Outbox.flush} runs the call before it sends what waits for its
+        transport.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        seen = []
+        outbox.beforeSending(lambda: seen.append(transport.value()))
+        outbox.hold()
+        outbox.write(transport, b"220 Ready to start TLS\r\n")
+        outbox.flush(transport)
+        self.assertEqual(seen, [b""])
+        self.assertEqual(transport.value(), b"220 Ready to start TLS\r\n")
+
     def test_heldWritesLeaveAtRelease(self):
         """
         Writes made while held wait for the release, and leave in order.

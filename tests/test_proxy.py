@@ -2,10 +2,12 @@
 The whole proxy over loopback sockets, with in-process fake backends.
 """
 
+import re
 import socket
+from io import StringIO
 
 from twisted.internet import defer, reactor, task
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher, textFileLogObserver
 from twisted.trial import unittest
 
 from lmtp_proxy import delivery
@@ -684,6 +686,47 @@ class ClientAbortTests(unittest.TestCase):
         outcomes = [l for l in lines if "to=<x@a.test>" in l]
         self.assertEqual(len(outcomes), 1)
         self.assertIn("status=aborted (connection closed before the end of the message)", outcomes[0])
+
+
+class TwistdLogFileTests(unittest.TestCase):
+    """
+    Outcome lines when twistd's text log is the only log observer.
+    """
+
+    @defer.inlineCallbacks
+    def test_outcomeLinesWrittenByTheProxy(self):
+        """
+        Each recipient's outcome line is in the log file as the observer
+        would write it, but written by the proxy: the observer formats
+        one event only, the check that its lines are the proxy's.
+        """
+        written = StringIO()
+        observer = textFileLogObserver(written)
+        formatted = []
+        original = observer.formatEvent
+
+        def formatEvent(event):
+            formatted.append(event)
+            return original(event)
+
+        a, b, proxy = twoBackends(self)
+        client = yield proxy.connect(self)
+        self.patch(observer, "formatEvent", formatEvent)
+        self.patch(globalLogPublisher, "_observers", [observer])
+        replies = yield exchange(client, transaction([b"x@a.test", b"y@b.test", b"z@a.test"]), 10)
+        self.assertEqual([r[:3] for r in replies[6:9]], ["250"] * 3)
+        lines = written.getvalue().splitlines()
+        self.assertEqual(
+            sorted(
+                re.sub(r"^\S+ (\[[^]]+\]) \w+: (to=<[^>]+>).*(status=\w+).*", r"\1 \2 \3", line)
+                for line in lines
+            ),
+            [
+                "[lmtp_proxy.delivery.Delivery#info] to=<%s> status=sent" % (address,)
+                for address in ("x@a.test", "y@b.test", "z@a.test")
+            ],
+        )
+        self.assertEqual(len(formatted), 1)
 
 
 class ClientLeavesTests(unittest.TestCase):

@@ -6,6 +6,7 @@ L{tests.test_outbox.SendNowTests}.)
 
 import errno
 import os
+import re
 import socket
 import stat
 import time
@@ -16,11 +17,14 @@ from twisted.internet import defer, main, protocol, reactor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import (
+    Logger,
     LogLevel,
+    LogPublisher,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
     globalLogPublisher,
+    jsonFileLogObserver,
     textFileLogObserver,
     timeFormatRFC3339,
 )
@@ -32,6 +36,7 @@ from twisted.trial import unittest
 
 from lmtp_proxy.outbox import Outbox
 from lmtp_proxy.twisted_internals import (
+    TextLogLines,
     _PlainLines,
     _TimestampsBySecond,
     adoptSharedUNIXPort,
@@ -921,3 +926,245 @@ class PlainLogLineTests(_InFrontOfTwistedMixin, unittest.TestCase):
         self.assertEqual(
             _observerLines(events), "".join(formatEventAsClassicLogText(event) for event in events)
         )
+
+
+class _LogFile:
+    """
+    A log file that records each C{write} and C{flush} in C{calls}, which
+    it may share with a transport.
+    """
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.fail = False
+
+    def write(self, text):
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.calls.append(("write", text))
+
+    def flush(self):
+        self.calls.append(("flush",))
+
+
+class _Transport(StringTransport):
+    """
+    A transport that records each write in C{calls}, which it shares with
+    a L{_LogFile}.
+    """
+
+    def __init__(self, calls):
+        StringTransport.__init__(self)
+        self.calls = calls
+
+    def write(self, data):
+        self.calls.append(("send", data))
+        StringTransport.write(self, data)
+
+
+class TextLogLineTests(unittest.TestCase):
+    """
+    L{TextLogLines} writes a line straight into the file of the only
+    observer when that observer would write the same line, the lines of a
+    hold of the outbox in one write before the outbox sends, and logs it
+    through the logger otherwise.
+    """
+
+    when = _CLOCKS_FORWARD - 0.5
+    namespace = "lmtp_proxy.delivery.Delivery"
+
+    def setUp(self):
+        self.calls = []
+        self.file = _LogFile(self.calls)
+        self.publisher = LogPublisher()
+        self.publisher.addObserver(textFileLogObserver(self.file))
+        self.outbox = Outbox()
+        self.lines = self.textLines(self.publisher)
+
+    def textLines(self, publisher):
+        """
+        A L{TextLogLines} for outcome lines, whose logger and own lines
+        are published by C{publisher}, at the time L{when}.
+        """
+        logger = Logger(namespace=self.namespace, observer=publisher)
+        return TextLogLines(logger, "outcome", self.outbox, publisher, lambda: self.when)
+
+    def observerLines(self, *texts):
+        """
+        What twistd's text observer writes for outcome lines C{texts}
+        logged at L{when}.
+        """
+        events = []
+        logger = Logger(namespace=self.namespace, observer=events.append)
+        for text in texts:
+            logger.info("{outcome}", outcome=text)
+        for event in events:
+            event["log_time"] = self.when
+        return _observerLines(events)
+
+    def untimed(self):
+        """
+        The calls made to the file, each line's timestamp left out: a line
+        logged through the logger has the time it was logged.
+        """
+        return [
+            (call[0], re.sub(r"(?m)^\S+ ", "", call[1])) if call[0] == "write" else call
+            for call in self.calls
+        ]
+
+    def test_theObserversOwnLine(self):
+        """
+        The line written is the line twistd's text observer writes for the
+        logger's event, a text of several lines included.
+        """
+        written = StringIO()
+        publisher = LogPublisher()
+        publisher.addObserver(textFileLogObserver(written))
+        lines = self.textLines(publisher)
+        texts = ["1A2B3C: to=<a{b}c@example.test>, status=sent (250 2.0.0 Ok)", "one\ntwo"]
+        for text in texts:
+            lines.info(text)
+        self.assertEqual(written.getvalue(), self.observerLines(*texts))
+
+    def test_linesOutsideAHoldWrittenAtOnce(self):
+        """
+        A line logged outside a hold is written and flushed at once, one
+        write per line.
+        """
+        self.lines.info("one")
+        self.lines.info("two")
+        self.assertEqual(
+            self.calls,
+            [
+                ("write", self.observerLines("one")),
+                ("flush",),
+                ("write", self.observerLines("two")),
+                ("flush",),
+            ],
+        )
+
+    def test_heldLinesWrittenInOneWriteBeforeTheReplies(self):
+        """
+        The lines logged while the outbox is held are written and flushed
+        in one write, in order, when the turn's hold ends, before the
+        replies written in the same turn are sent.
+        """
+        transport = _Transport(self.calls)
+        self.outbox.holdTurn()
+        self.outbox.hold()
+        self.lines.info("to=<a@example.test>, status=sent")
+        self.outbox.write(transport, b"250 2.0.0 Ok\r\n")
+        self.outbox.release()
+        self.lines.info("to=<b@example.test>, status=sent")
+        self.outbox.write(transport, b"250 2.0.0 Ok\r\n")
+        self.assertEqual(self.calls, [])
+        self.outbox.releaseTurn()
+        self.assertEqual(
+            self.calls,
+            [
+                (
+                    "write",
+                    self.observerLines(
+                        "to=<a@example.test>, status=sent", "to=<b@example.test>, status=sent"
+                    ),
+                ),
+                ("flush",),
+                ("send", b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n"),
+            ],
+        )
+
+    def test_heldLinesWrittenBeforeAFlush(self):
+        """
+        A reply the outbox sends before its hold ends (the reply to
+        STARTTLS) leaves after the lines kept before it.
+        """
+        transport = _Transport(self.calls)
+        self.outbox.hold()
+        self.lines.info("to=<a@example.test>, status=sent")
+        self.outbox.write(transport, b"220 2.0.0 Ready to start TLS\r\n")
+        self.outbox.flush(transport)
+        self.assertEqual(
+            self.calls,
+            [
+                ("write", self.observerLines("to=<a@example.test>, status=sent")),
+                ("flush",),
+                ("send", b"220 2.0.0 Ready to start TLS\r\n"),
+            ],
+        )
+        self.outbox.release()
+
+    def test_failedWriteStillSendsTheReplies(self):
+        """
+        When the write raises, the failure is logged and the replies held
+        behind the lines are still sent.
+        """
+        transport = _Transport(self.calls)
+        self.outbox.hold()
+        self.lines.info("to=<a@example.test>, status=sent")
+        self.outbox.write(transport, b"250 2.0.0 Ok\r\n")
+        self.file.fail = True
+        self.outbox.release()
+        self.assertEqual(self.calls, [("send", b"250 2.0.0 Ok\r\n")])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_otherObserversGetTheEvent(self):
+        """
+        With a second observer beside twistd's, both get the logger's
+        event: the text observer writes its line itself.
+        """
+        events = []
+        self.publisher.addObserver(events.append)
+        self.lines.info("one", rcpt="a@example.test")
+        self.assertEqual([(e["outcome"], e["rcpt"]) for e in events], [("one", "a@example.test")])
+        self.assertEqual(
+            self.untimed(), [("write", "[lmtp_proxy.delivery.Delivery#info] one\n"), ("flush",)]
+        )
+
+    def test_observerWritingOtherLinesGetsTheEvent(self):
+        """
+        An only observer whose lines differ from these (twistd's JSON log,
+        a text log with another time format) gets the logger's event, and
+        writes it its own way.
+        """
+        jsonFile, textFile = StringIO(), StringIO()
+        for observer in (
+            jsonFileLogObserver(jsonFile),
+            textFileLogObserver(textFile, timeFormat="%H:%M:%S"),
+        ):
+            publisher = LogPublisher()
+            publisher.addObserver(observer)
+            self.textLines(publisher).info("one", rcpt="a@example.test")
+        self.assertIn('"rcpt": "a@example.test"', jsonFile.getvalue())
+        self.assertRegex(
+            textFile.getvalue(), r"^\d\d:\d\d:\d\d \[lmtp_proxy.delivery.Delivery#info\] one\n$"
+        )
+
+    def test_emptyTextGetsTheEvent(self):
+        """
+        An empty line is logged as the logger's event, for which twistd's
+        text observer writes nothing.
+        """
+        self.lines.info("")
+        self.assertEqual(self.calls, [])
+
+    def test_keptLinesFirstWhenObserversChange(self):
+        """
+        Lines kept for twistd's observer are written to it before a line
+        logged once another observer has joined it.
+        """
+        self.outbox.hold()
+        self.lines.info("one")
+        events = []
+        self.publisher.addObserver(events.append)
+        self.lines.info("two")
+        self.assertEqual(
+            self.untimed(),
+            [
+                ("write", "[lmtp_proxy.delivery.Delivery#info] one\n"),
+                ("flush",),
+                ("write", "[lmtp_proxy.delivery.Delivery#info] two\n"),
+                ("flush",),
+            ],
+        )
+        self.assertEqual([e["outcome"] for e in events], ["two"])
+        self.outbox.release()
