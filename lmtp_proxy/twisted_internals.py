@@ -579,6 +579,10 @@ class TextLogLines:
             self.log.failure("log lines not written")
 
     def _line(self, when, text):
+        """
+        The line of C{text} logged at C{when}, as twistd's text observer
+        writes it.
+        """
         return "%s [%s] %s\n" % (
             self._observerModule.formatTime(when),
             self._system,
@@ -600,6 +604,10 @@ class TextLogLines:
         return observer if self._direct else None
 
     def _writesTheSameLines(self, observer):
+        """
+        Whether C{observer} is a file observer that writes, for an event
+        of the logger, the line L{_line} makes of its text.
+        """
         if (
             type(observer) is not FileLogObserver
             or not hasattr(self._observerModule, "formatTime")
