@@ -10,7 +10,7 @@ import re
 import socket
 import stat
 import time
-from io import StringIO
+from io import BytesIO, StringIO
 from types import SimpleNamespace
 
 from twisted.internet import defer, main, protocol, reactor
@@ -1025,6 +1025,20 @@ class TextLogLineTests(unittest.TestCase):
         for text in texts:
             lines.info(text)
         self.assertEqual(written.getvalue(), self.observerLines(*texts))
+
+    def test_binaryFileGetsEncodedLines(self):
+        """
+        An observer of a binary file gets the line encoded as it encodes
+        its own, in UTF-8.
+        """
+        written = BytesIO()
+        publisher = LogPublisher()
+        publisher.addObserver(textFileLogObserver(written))
+        self.textLines(publisher).info("to=<j\u00f6rg@example.test>, status=sent")
+        self.assertEqual(
+            written.getvalue(),
+            self.observerLines("to=<j\u00f6rg@example.test>, status=sent").encode("utf-8"),
+        )
 
     def test_linesOutsideAHoldWrittenAtOnce(self):
         """
