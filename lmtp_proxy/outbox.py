@@ -132,9 +132,9 @@ class Outbox:
                     self.flush(transport)
             else:
                 self._bulky = []
-                waiting, self._waiting = self._waiting, {}
                 for call in self._before:
                     call()
+                waiting, self._waiting = self._waiting, {}
                 _sendEach(waiting)
         finally:
             while self._after:
@@ -182,10 +182,11 @@ class Outbox:
         Send what waits for C{transport} now, before the current hold ends:
         the reply to STARTTLS must leave before the connection turns to TLS.
         """
-        chunks = self._waiting.pop(transport, None)
-        if chunks:
+        if self._waiting.get(transport):
             for call in self._before:
                 call()
+        chunks = self._waiting.pop(transport, None)
+        if chunks:
             sendNow(transport, b"".join(chunks))
 
     def write(self, transport, data):

@@ -38,6 +38,7 @@ The items:
 """
 
 import errno
+import threading
 import time
 
 from twisted.internet import tcp, unix
@@ -497,12 +498,17 @@ class TextLogLines:
     (L{lmtp_proxy.outbox.Outbox.beforeSending}). So a reply never leaves
     before its outcome line is in the log file, whatever happens to the
     process next, and no line waits longer than the turn that logged it.
-    A line logged outside a hold is written at once.
+    A line logged outside a hold is written at once. The observer's file
+    is wrapped so that any line the observer writes itself from the
+    reactor's thread (a backend marked down later in the same turn) first
+    writes the lines kept back: the file stays in the order things were
+    logged.
 
     Relies on the global log publisher's private list C{_observers}, where
     twistd puts its observer, on C{FileLogObserver} writing each line to
-    its private C{_outFile}, encoded by its private C{_encoding}, then
-    flushing that file, and on the private module C{twisted.logger._file}
+    its private C{_outFile} (which is replaced by the wrapper), encoded by
+    its private C{_encoding}, then flushing that file, and on the private
+    module C{twisted.logger._file}
     whose C{formatTime} the observer calls. An observer is written to
     directly only when its own C{formatEvent} gives, for an event this
     logger emits, the line written here (checked again whenever the
@@ -511,7 +517,10 @@ class TextLogLines:
     logged through the logger, or
     C{tests.test_twisted_internals.TextLogLineTests} fails first.
 
-    Used from the reactor's thread only, as the outbox is.
+    Used from the reactor's thread only, as the outbox is: made there,
+    and called there.
+
+    @ivar thread: the identity of the reactor's thread.
     """
 
     log = Logger()
@@ -524,7 +533,8 @@ class TextLogLines:
         @param outbox: the L{lmtp_proxy.outbox.Outbox} whose holds keep the
             lines back.
         @param publisher: the log publisher whose only observer may be
-            written to.
+            written to: the lines are written directly only when it is
+            also the logger's.
         @param now: the clock of the lines' timestamps, C{time.time} as
             the logger's.
         """
@@ -533,11 +543,15 @@ class TextLogLines:
         self._format = "{" + field + "}"
         self._system = "%s#%s" % (logger.namespace, LogLevel.info.name)
         self._outbox = outbox
-        self._publisher = publisher
+        self._publisher = publisher if logger.observer is publisher else None
         self._now = now
         self._observer = None
-        self._direct = False
+        # The observer's own file and encoding, while it is written to
+        # directly.
+        self._file = None
+        self._encoding = None
         self._lines = []
+        self.thread = threading.get_ident()
         try:
             from twisted.logger import _file
         except ImportError:
@@ -564,19 +578,29 @@ class TextLogLines:
         """
         if not self._lines:
             return
-        text = "".join(self._lines)
-        self._lines = []
-        observer = self._observer
+        lines, self._lines = self._lines, []
         try:
-            if observer._encoding is None:
-                observer._outFile.write(text)
-            else:
-                observer._outFile.write(text.encode(observer._encoding))
-            observer._outFile.flush()
+            self._write("".join(lines))
+        except UnicodeEncodeError:
+            # A file whose encoding lacks a character of one line (standard
+            # output in an ASCII locale): the observer would have lost that
+            # line only. Nothing was written, since the text is encoded
+            # before any of it is.
+            for line in lines:
+                try:
+                    self._write(line)
+                except Exception:
+                    self.log.failure("log line not written")
         except Exception:
             # As when the observer's own write raises: the lines are lost
             # to it, and the replies held behind them still leave.
             self.log.failure("log lines not written")
+
+    def _write(self, text):
+        if self._encoding is not None:
+            text = text.encode(self._encoding)
+        self._file.write(text)
+        self._file.flush()
 
     def _line(self, when, text):
         """
@@ -600,8 +624,10 @@ class TextLogLines:
             # Lines kept for the observer before go to it first.
             self.writeKept()
             self._observer = observer
-            self._direct = observer is not None and self._writesTheSameLines(observer)
-        return observer if self._direct else None
+            self._file = None
+            if observer is not None and self._writesTheSameLines(observer):
+                self._writeBefore(observer)
+        return observer if self._file is not None else None
 
     def _writesTheSameLines(self, observer):
         """
@@ -622,6 +648,44 @@ class TextLogLines:
             return observer.formatEvent(emitted[0]) == self._line(emitted[0]["log_time"], text)
         except Exception:
             return False
+
+    def _writeBefore(self, observer):
+        """
+        Write to C{observer}'s file from now on, and have the observer
+        write the lines kept back before any line of its own: another
+        event logged later in the same turn (a backend marked down, a
+        traceback) stays after the outcome lines logged before it.
+        """
+        file = observer._outFile
+        if not (isinstance(file, _AfterKeptLines) and file.lines is self):
+            file = observer._outFile = _AfterKeptLines(file, self)
+        self._file = file.file
+        self._encoding = observer._encoding
+
+
+class _AfterKeptLines:
+    """
+    The file of a text log observer that a L{TextLogLines} writes to:
+    what the observer writes itself from the reactor's thread goes after
+    the lines kept back.
+    """
+
+    def __init__(self, file, lines):
+        self.file = file
+        self.lines = lines
+
+    def write(self, data):
+        # The lines are kept by the reactor's thread alone; another
+        # thread's event is written as it comes.
+        if threading.get_ident() == self.lines.thread:
+            self.lines.writeKept()
+        self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
 
 
 class _SharedUNIXPort(unix.Port):

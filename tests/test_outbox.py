@@ -251,6 +251,28 @@ class OutboxTests(LoopbackMixin, unittest.TestCase):
         outbox.write(transport, b"x")
         self.assertEqual(seen, ["called"])
 
+    def test_heldWritesKeptWhenBeforeSendingRaises(self):
+        """
+        When a call given to L{Outbox.beforeSending} raises, what the hold
+        kept back is not lost: it leaves at the next release.
+        """
+        outbox, transport = Outbox(), StringTransport()
+        calls = []
+
+        def before():
+            calls.append("called")
+            if len(calls) == 1:
+                raise KeyboardInterrupt()
+
+        outbox.beforeSending(before)
+        outbox.hold()
+        outbox.write(transport, b"250 2.0.0 Ok\r\n")
+        self.assertRaises(KeyboardInterrupt, outbox.release)
+        self.assertEqual(transport.value(), b"")
+        outbox.hold()
+        outbox.release()
+        self.assertEqual(transport.value(), b"250 2.0.0 Ok\r\n")
+
     def test_beforeSendingRunsBeforeAFlush(self):
         """
         L{Outbox.flush} runs the call before it sends what waits for its

@@ -9,8 +9,9 @@ import os
 import re
 import socket
 import stat
+import threading
 import time
-from io import BytesIO, StringIO
+from io import BytesIO, StringIO, TextIOWrapper
 from types import SimpleNamespace
 
 from twisted.internet import defer, main, protocol, reactor
@@ -1182,3 +1183,95 @@ class TextLogLineTests(unittest.TestCase):
         )
         self.assertEqual([e["outcome"] for e in events], ["two"])
         self.outbox.release()
+
+    def test_laterEventsAfterKeptLines(self):
+        """
+        An event logged later in the same hold, through twistd's observer
+        itself, is written after the outcome lines kept before it.
+        """
+        self.outbox.hold()
+        self.lines.info("to=<a@example.test>, status=sent")
+        Logger(namespace="lmtp_proxy.health.BackendHealth", observer=self.publisher).warn(
+            "backend b: down"
+        )
+        self.assertEqual(
+            self.untimed(),
+            [
+                ("write", "[lmtp_proxy.delivery.Delivery#info] to=<a@example.test>, status=sent\n"),
+                ("flush",),
+                ("write", "[lmtp_proxy.health.BackendHealth#warn] backend b: down\n"),
+                ("flush",),
+            ],
+        )
+        self.outbox.release()
+        self.assertEqual(len(self.calls), 4)
+
+    def test_otherThreadsEventsDoNotWriteKeptLines(self):
+        """
+        An event logged from another thread is written as it comes; the
+        lines kept by the reactor's thread wait for their hold to end.
+        """
+        self.outbox.hold()
+        self.lines.info("one")
+        logger = Logger(namespace="lmtp_proxy.pgsource", observer=self.publisher)
+        thread = threading.Thread(target=logger.info, args=("from a thread",))
+        thread.start()
+        thread.join()
+        self.outbox.release()
+        self.assertEqual(
+            self.untimed(),
+            [
+                ("write", "[lmtp_proxy.pgsource#info] from a thread\n"),
+                ("flush",),
+                ("write", "[lmtp_proxy.delivery.Delivery#info] one\n"),
+                ("flush",),
+            ],
+        )
+
+    def test_unencodableLineLostAlone(self):
+        """
+        On a file whose encoding cannot write one of the lines kept back,
+        that line alone is lost, and logged as a failure; the others are
+        written.
+        """
+        raw = BytesIO()
+        written = TextIOWrapper(raw, encoding="ascii", write_through=True)
+        publisher = LogPublisher()
+        publisher.addObserver(textFileLogObserver(written))
+        lines = self.textLines(publisher)
+        self.outbox.hold()
+        for text in ("to=<a@example.test>", "to=<j\u00f6rg@example.test>", "to=<b@example.test>"):
+            lines.info(text)
+        self.outbox.release()
+        self.assertEqual(
+            raw.getvalue().decode("ascii"),
+            self.observerLines("to=<a@example.test>", "to=<b@example.test>"),
+        )
+        self.assertEqual(len(self.flushLoggedErrors(UnicodeEncodeError)), 1)
+
+    def test_anotherLoggersObserverGetsTheEvent(self):
+        """
+        A logger that does not publish to the publisher whose observer
+        could be written to gets the event itself.
+        """
+        events = []
+        logger = Logger(namespace=self.namespace, observer=events.append)
+        lines = TextLogLines(logger, "outcome", self.outbox, self.publisher)
+        lines.info("one")
+        self.assertEqual([e["outcome"] for e in events], ["one"])
+        self.assertEqual(self.calls, [])
+
+    def test_observerWrappedOnce(self):
+        """
+        An observer that stops being the only one and becomes it again
+        keeps one wrapper in front of its own file.
+        """
+        observer = self.publisher._observers[0]
+        self.lines.info("one")
+        events = []
+        self.publisher.addObserver(events.append)
+        self.lines.info("two")
+        self.publisher.removeObserver(events.append)
+        self.lines.info("three")
+        self.assertIs(observer._outFile.file, self.file)
+        self.assertEqual(len(self.calls), 6)
