@@ -106,7 +106,8 @@ class Outbox:
         Call C{call()} each time a hold ends, before what it kept back
         leaves, and before L{flush} sends anything: for what must be
         written before the replies it records are seen. C{call} handles its
-        own errors.
+        own errors; should it raise, what the hold kept back waits for the
+        next release.
         """
         self._before.append(call)
 
