@@ -183,12 +183,11 @@ class Outbox:
         Send what waits for C{transport} now, before the current hold ends:
         the reply to STARTTLS must leave before the connection turns to TLS.
         """
-        if self._waiting.get(transport):
-            for call in self._before:
-                call()
-        chunks = self._waiting.pop(transport, None)
-        if chunks:
-            sendNow(transport, b"".join(chunks))
+        if not self._waiting.get(transport):
+            return
+        for call in self._before:
+            call()
+        sendNow(transport, b"".join(self._waiting.pop(transport)))
 
     def write(self, transport, data):
         """

@@ -410,6 +410,15 @@ def _plainSystem(event):
     return namespace + "#" + name if type(name) is str else None
 
 
+def _classicLine(timestamp, system, text):
+    """
+    The line C{formatEventAsClassicLogText} makes of an event's timestamp,
+    system and text, each line after the first indented by a tab.
+    """
+    line = timestamp + " [" + system + "] " + text
+    return line.replace("\n", "\n\t") + "\n"
+
+
 class _PlainLines:
     """
     Twisted's C{formatEventAsClassicLogText}, with a short way for an event
@@ -430,8 +439,7 @@ class _PlainLines:
             return self.formatEventAsClassicLogText(event, formatTime)
         if not text:
             return None
-        line = formatTime(event.get("log_time")) + " [" + system + "] " + text
-        return line.replace("\n", "\n\t") + "\n"
+        return _classicLine(formatTime(event.get("log_time")), system, text)
 
 
 def formatPlainLogLines():
@@ -607,11 +615,7 @@ class TextLogLines:
         The line of C{text} logged at C{when}, as twistd's text observer
         writes it.
         """
-        return "%s [%s] %s\n" % (
-            self._observerModule.formatTime(when),
-            self._system,
-            text.replace("\n", "\n\t"),
-        )
+        return _classicLine(self._observerModule.formatTime(when), self._system, text)
 
     def _directObserver(self):
         """
@@ -626,7 +630,13 @@ class TextLogLines:
             self._observer = observer
             self._file = None
             if observer is not None and self._writesTheSameLines(observer):
-                self._writeBefore(observer)
+                try:
+                    self._writeBefore(observer)
+                except Exception:
+                    # An observer whose file can no longer be replaced
+                    # gets the logger's events: a line must never fail
+                    # the delivery it records.
+                    self._file = None
         return observer if self._file is not None else None
 
     def _writesTheSameLines(self, observer):

@@ -18,6 +18,7 @@ from twisted.internet import defer, main, protocol, reactor
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import (
+    FileLogObserver,
     Logger,
     LogLevel,
     LogPublisher,
@@ -1275,3 +1276,16 @@ class TextLogLineTests(unittest.TestCase):
         self.lines.info("three")
         self.assertIs(observer._outFile.file, self.file)
         self.assertEqual(len(self.calls), 6)
+
+    def test_observerFileNotReplaceableGetsTheEvent(self):
+        """
+        When the observer's file cannot be replaced, the line is logged as
+        the logger's event, which the observer writes itself, and nothing
+        raises.
+        """
+        FileLogObserver._outFile = property(lambda observer: observer.__dict__["_outFile"])
+        self.addCleanup(delattr, FileLogObserver, "_outFile")
+        self.lines.info("one")
+        self.assertEqual(
+            self.untimed(), [("write", "[lmtp_proxy.delivery.Delivery#info] one\n"), ("flush",)]
+        )
